@@ -1,0 +1,89 @@
+"""Project-level checks: declared dependencies agree, README commands drive CI, configs validate."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vqmed.config import ConfigError, PretrainConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_lists_the_same_dependencies_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_name(r): r.replace(" ", "") for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    conda = {_name(r): r.replace(" ", "") for r in pip_list if not r.startswith("-e")}
+    assert set(conda) == set(declared)
+    for name, spec in declared.items():
+        if name != "torch":  # the conda file pins the CPU build the README installs first
+            assert conda[name] == spec, f"{name}: pyproject {spec!r} != environment.yml {conda[name]!r}"
+
+
+def _readme_block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(rf"<!-- {marker} -->\s*```bash\n(.*?)\n```\s*<!-- /{marker} -->", text, re.S)
+    assert block, f"README.md lacks the {marker} block"
+    return block.group(1).strip()
+
+
+def test_ci_runs_the_readme_test_command():
+    command = _readme_block("test-command")
+    assert "pip install torch==2.13.0" in command and "pytest" in command
+    out = subprocess.run(
+        ["bash", "-c", "sed -n '/<!-- test-command -->/,/<!-- \\/test-command -->/p' README.md "
+         "| sed -n '/^```bash$/,/^```$/p' | sed '1d;$d'"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert out == command
+    assert "README.md" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_opens_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    main_at, test_at = text.find("<!-- main-command -->"), text.find("<!-- test-command -->")
+    assert 0 < main_at < test_at < text.find("\n## ", 1) or text.find("\n## ") == -1
+    assert "pip install torch==2.13.0" in _readme_block("main-command")
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.stem)
+def test_pretrain_configs_validate(config):
+    cfg = load_config(PretrainConfig, config)
+    for manifest in cfg.data.manifests:
+        assert (ROOT / manifest).is_file(), f"{config.name}: manifest {manifest} is not committed"
+
+
+def test_config_errors_name_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  manifests: [x.csv]\n  image_sise: 64\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: data: unknown key\(s\) \['image_sise'\]"):
+        load_config(PretrainConfig, path)
+    path.write_text("data:\n  manifests: [x.csv]\ntrain:\n  epochs: two\n")
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        load_config(PretrainConfig, path)
+    path.write_text("data:\n  manifests: [x.csv]\n")
+    with pytest.raises(ConfigError, match="train.amp: must be bf16, fp16 or off"):
+        load_config(PretrainConfig, path, ["train.amp=fp8"])
+    cfg = load_config(PretrainConfig, path, ["train.epochs=3", "model.params.channels=[8, 16]"])
+    assert cfg.train.epochs == 3 and cfg.model.params["channels"] == [8, 16]
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 0\n")
+    result = subprocess.run([sys.executable, "-m", "vqmed", "pretrain", "--config", str(bad)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "data.manifests" in result.stderr and "Traceback" not in result.stderr

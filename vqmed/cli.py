@@ -1,0 +1,198 @@
+"""The ``vqmed`` command line: ``manifest | preview | pretrain | export | benchmark | ui``.
+
+Each sub-command parses and validates its arguments, then calls exactly one room of the library.
+Heavy imports (torch, MONAI, MLflow) happen inside the sub-command so ``vqmed --help`` is instant.
+Errors a user can fix (bad config, bad manifest, missing checkpoint) print one clear line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed without a traceback."""
+
+
+def _cmd_manifest_build(args: argparse.Namespace) -> int:
+    from vqmed.data import build_manifest, resolve_data_root, write_manifest
+
+    data_root = resolve_data_root(args.data_root)
+    root = Path(args.root)
+    if not root.is_absolute() and not root.exists():
+        root = data_root / root
+    manifest, report = build_manifest(root.resolve(), data_root, salt=args.salt, progress=not args.quiet)
+    write_manifest(manifest, Path(args.out))
+    print(f"wrote {len(manifest)} rows to {args.out}")
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _cmd_manifest_check(args: argparse.Namespace) -> int:
+    from vqmed.data import check_manifest, read_manifest, resolve_data_root
+
+    report = check_manifest(read_manifest(Path(args.file)), resolve_data_root(args.data_root))
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from vqmed.data import ImageSpec, preview_files
+
+    spec = ImageSpec(image_size=args.image_size, spatial_dims=2, channels=args.channels)
+    facts = preview_files([Path(f) for f in args.files], Path(args.out), spec)
+    for line in facts:
+        print("  ".join(f"{k}={v}" for k, v in line.items()))
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from vqmed.config import PretrainConfig, load_config
+    from vqmed.training.loop import pretrain
+
+    overrides = list(args.set or [])
+    if args.out:
+        overrides.append(f"out={args.out}")
+    if args.data_root:
+        overrides.append(f"data.data_root={args.data_root}")
+    cfg = load_config(PretrainConfig, args.config, overrides)
+    summary = pretrain(cfg, resume=args.resume)
+    if summary is not None:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vqmed.export import export_manifest
+
+    summary = export_manifest(
+        args.model,
+        Path(args.manifest),
+        Path(args.out),
+        data_root=args.data_root,
+        batch_size=args.batch_size,
+        keep_ids=args.keep_ids,
+        write_nifti=args.nifti,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from vqmed.config import BenchmarkConfig, load_config
+    from vqmed.downstream import run_benchmark
+
+    overrides = list(args.set or [])
+    cfg = load_config(BenchmarkConfig, args.config, overrides)
+    out = Path(args.out) if args.out else Path(cfg.out)
+    summary = run_benchmark(cfg, out)
+    print(json.dumps(summary, indent=2, default=str)[:4000])
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from vqmed.tracking import serve_ui
+
+    serve_ui(host=args.host, port=args.port, tracking_uri=args.tracking_uri, block=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vqmed", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    manifest = sub.add_parser("manifest", help="build or check a dataset manifest (CSV)")
+    msub = manifest.add_subparsers(dest="manifest_command", required=True)
+    build = msub.add_parser("build", help="scan a folder (class folders, DICOM archive, NIfTI, MNIST IDX)")
+    build.add_argument("root", help="folder to scan (absolute, relative to the cwd, or relative to the data root)")
+    build.add_argument("--out", required=True, help="manifest CSV to write")
+    build.add_argument("--data-root", help="root the manifest paths are relative to (default: $VQMED_DATA_ROOT or ../shared/data)")
+    build.add_argument("--salt", help="salt for hashed study/patient ids (default: $VQMED_ID_SALT or the per-user salt file)")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(func=_cmd_manifest_build)
+    check = msub.add_parser("check", help="report missing/unreadable files, duplicate ids, patients in several splits")
+    check.add_argument("file")
+    check.add_argument("--data-root")
+    check.set_defaults(func=_cmd_manifest_check)
+
+    preview = sub.add_parser("preview", help="write files as the model sees them (PNG) with their header facts")
+    preview.add_argument("files", nargs="+")
+    preview.add_argument("--out", required=True)
+    preview.add_argument("--image-size", type=int, default=256)
+    preview.add_argument("--channels", type=int, choices=(1, 3), default=1)
+    preview.set_defaults(func=_cmd_preview)
+
+    pre = sub.add_parser("pretrain", help="pretrain a VQ-VAE on unlabeled images (torchrun-ready)")
+    pre.add_argument("--config", required=True, help="configs/pretrain/NAME.yaml")
+    pre.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.epochs=3")
+    pre.add_argument("--out", help="output directory (overrides `out` in the config)")
+    pre.add_argument("--data-root", help="overrides data.data_root")
+    pre.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints and the same MLflow run")
+    pre.set_defaults(func=_cmd_pretrain)
+
+    exp = sub.add_parser("export", help="export code maps and embeddings of every study with the frozen encoder")
+    exp.add_argument("--model", required=True, help="checkpoint file, pretraining output dir, or MLflow run id")
+    exp.add_argument("--manifest", required=True)
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--data-root")
+    exp.add_argument("--batch-size", type=int, default=64)
+    exp.add_argument("--keep-ids", action="store_true", help="keep the manifest's study ids instead of salted hashes")
+    exp.add_argument("--nifti", action="store_true", help="also write 3D code maps as NIfTI on the scan's grid")
+    exp.add_argument("--quiet", action="store_true", help="no progress bar")
+    exp.set_defaults(func=_cmd_export)
+
+    bench = sub.add_parser("benchmark", help="low-label benchmark of few-label classifiers on an export")
+    bench.add_argument("--config", required=True, help="configs/benchmark/NAME.yaml")
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE")
+    bench.add_argument("--out", help="output directory (overrides `out` in the config)")
+    bench.set_defaults(func=_cmd_benchmark)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on the project's tracking store")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or the project's local store")
+    ui.set_defaults(func=_cmd_ui)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "bad input": shown as one line, exit status 2."""
+    from vqmed.config import ConfigError
+
+    errors: list[type[BaseException]] = [UserError, ConfigError, FileNotFoundError]
+    for module, name in (
+        ("vqmed.data", "ManifestError"),
+        ("vqmed.data", "UnreadableImageError"),
+        ("vqmed.training.checkpoint", "CheckpointError"),
+    ):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        code = func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            print(f"vqmed {args.command}: error: {exc}", file=sys.stderr)
+            code = 2
+        else:
+            raise
+    sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

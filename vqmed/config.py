@@ -1,0 +1,540 @@
+"""Typed, validated run configs loaded from ``configs/*.yaml``.
+
+Every tunable value has one home: the YAML file. The CLI may override any field with
+``--set section.key=value`` (parsed as YAML, so ``--set train.epochs=3`` gives an int), and a few
+common flags (``--out``) are shorthands for such overrides. Unknown keys, wrong types and
+out-of-range values raise :class:`ConfigError` naming the offending key and the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the source."""
+
+
+@dataclass
+class DataConfig:
+    """Which images to read and how they reach the model.
+
+    Args:
+        manifests: manifest CSV files (relative to the working directory or absolute).
+        splits: manifest splits to use; empty means all rows. Labels are ignored for pretraining.
+        data_root: root that manifest paths are relative to; ``None`` = ``--data-root``,
+            ``VQMED_DATA_ROOT`` or ``../shared/data``.
+        image_size: side length the images are resized to (pixels / voxels).
+        spatial_dims: 2 for images, 3 for volumes.
+        channels: 1 (grey; RGB with identical channels is converted) or 3 (true colour).
+        val_fraction: share of the unlabeled images held out for validation, split by patient.
+        augment: mild augmentation for pretraining (small affine, intensity jitter).
+        cache_dir: where decoded, resized images are cached (``None`` disables the cache).
+        fail_fast: stop at the first unreadable file instead of quarantining it.
+        max_images: use at most this many images (after the split filter); ``None`` = all.
+    """
+
+    manifests: list[str] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)
+    data_root: str | None = None
+    image_size: int = 64
+    spatial_dims: int = 2
+    channels: int = 1
+    val_fraction: float = 0.05
+    augment: bool = True
+    cache_dir: str | None = ".vqmed_cache"
+    fail_fast: bool = False
+    max_images: int | None = None
+
+    def validate(self) -> None:
+        _check(len(self.manifests) > 0, "data.manifests", "must list at least one manifest CSV")
+        _check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
+        _check(self.spatial_dims in (2, 3), "data.spatial_dims", f"must be 2 or 3, got {self.spatial_dims}")
+        _check(self.channels in (1, 3), "data.channels", f"must be 1 or 3, got {self.channels}")
+        _check(0.0 < self.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+        _check(self.max_images is None or self.max_images > 0, "data.max_images", "must be positive or null")
+
+
+@dataclass
+class ModelConfig:
+    """The network, chosen by name, with its constructor arguments.
+
+    Args:
+        name: ``vqvae`` (single level), ``vqvae2`` (hierarchical) or ``monai_vqvae`` (MONAI's
+            reference ``VQVAE``, used as the speed/quality baseline).
+        params: keyword arguments of the chosen class (see :mod:`vqmed.networks`); ``spatial_dims``
+            and the channel counts are filled in from the data section.
+    """
+
+    name: str = "vqvae"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _check(self.name in MODEL_NAMES, "model.name", f"must be one of {sorted(MODEL_NAMES)}, got {self.name!r}")
+
+
+MODEL_NAMES = {"vqvae", "vqvae2", "monai_vqvae"}
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop.
+
+    Args:
+        epochs: passes over the training images.
+        max_steps: stop after this many optimiser steps (``None`` = epochs decide).
+        max_minutes: wall-clock budget; training stops cleanly at the end of the step that passes it.
+        batch_size: images per optimiser step per process.
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up before cosine decay.
+        grad_clip: clip the gradient norm to this value (``None`` = off).
+        num_workers: DataLoader workers (more than 1 slows a 2-core machine).
+        threads: torch intra-op threads; ``None`` = the number of usable cores.
+        amp: mixed precision on CUDA (``bf16``/``fp16``/``off``); always off on CPU, where bf16 is ~25x slower.
+        compile: ``torch.compile`` the model on CUDA.
+        channels_last: memory format for 2D convolutions.
+        log_every: log step metrics every this many steps.
+        checkpoint_every: also checkpoint every this many steps within an epoch (``None`` = per epoch only).
+        val_images: validation images shown in the reconstruction grid.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    epochs: int = 10
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float | None = 1.0
+    num_workers: int = 0
+    threads: int | None = None
+    amp: str = "bf16"
+    compile: bool = False
+    channels_last: bool = True
+    log_every: int = 10
+    checkpoint_every: int | None = 100
+    val_images: int = 16
+    device: str = "auto"
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
+        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0 or null")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.amp in ("bf16", "fp16", "off"), "train.amp", f"must be bf16, fp16 or off, got {self.amp!r}")
+        _check(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
+        _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.checkpoint_every is None or self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1 or null")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking.
+
+    Args:
+        experiment: MLflow experiment name.
+        tracking_uri: ``None`` = ``MLFLOW_TRACKING_URI`` if set, else the project's local store.
+        log_model: log the final model as an MLflow model.
+        gif_every: add a frame to the reconstruction animation every this many epochs.
+    """
+
+    experiment: str = "vqmed-pretrain"
+    tracking_uri: str | None = None
+    log_model: bool = True
+    gif_every: int = 1
+
+
+@dataclass
+class PretrainConfig:
+    """A whole pretraining run: ``vqmed pretrain --config configs/pretrain/NAME.yaml``."""
+
+    name: str = "pretrain"
+    seed: int = 0
+    out: str = "runs/pretrain"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        self.data.validate()
+        self.model.validate()
+        self.train.validate()
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``section.key=value`` into the dotted key and its YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.strip(), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the raw config mapping with dotted ``--set`` overrides applied."""
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def from_dict(cls: type, raw: dict[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types recursively."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {args}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint in (str, float) and not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return raw
+
+
+def load_config(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Load, override and validate a config of dataclass type ``cls`` (e.g. :class:`PretrainConfig`)."""
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    try:
+        cfg = from_dict(cls, raw)
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (for YAML dumps and MLflow params)."""
+    return dataclasses.asdict(cfg)
+
+
+@dataclass
+class PipelineConfig:
+    """An end-to-end run (manifest -> pretrain -> export -> benchmark), composed of CLI steps.
+
+    Args:
+        name: name of the pipeline run (output folder name).
+        out: output directory; each step writes a sub-folder.
+        data_root: data root for every step (``None`` = ``VQMED_DATA_ROOT`` or ``../shared/data``).
+        dataset: folder (relative to the data root) the manifest is built from.
+        manifest: manifest CSV written by the first step and read by the others.
+        pretrain_config: pretraining config; its ``data.manifests`` is replaced by ``manifest``.
+        pretrain_overrides: ``--set`` overrides for the pretraining step.
+        export_batch_size: images per batch during export.
+        benchmark_config: benchmark config; its export directory is set by the pipeline.
+        benchmark_overrides: ``--set`` overrides for the benchmark step.
+    """
+
+    name: str = "pneumonia"
+    out: str = "runs/pipeline"
+    data_root: str | None = None
+    dataset: str = "chest_xray"
+    manifest: str = "data_manifests/chest_xray.csv"
+    pretrain_config: str = "configs/pretrain/cxr_64.yaml"
+    pretrain_overrides: list[str] = field(default_factory=list)
+    export_batch_size: int = 128
+    benchmark_config: str = "configs/benchmark/pneumonia.yaml"
+    benchmark_overrides: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        for key in ("pretrain_config", "benchmark_config"):
+            _check(Path(getattr(self, key)).is_file(), key, f"file not found: {getattr(self, key)}")
+        _check(self.export_batch_size >= 1, "export_batch_size", "must be >= 1")
+
+
+@dataclass
+class BudgetConfig:
+    """Label budgets of the low-label benchmark and how often each is drawn.
+
+    Args:
+        fractions: shares of the training split's images (``1.0`` = every label).
+        per_class: labels per class (e.g. 5 -> 5 NORMAL + 5 PNEUMONIA).
+        draws: random draws per budget, each stratified by class and drawn by patient.
+        full_draws: draws for a fraction of 1.0; that subset is the whole split every time, so
+            extra draws only vary the classifiers' seeds.
+    """
+
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.10, 0.25, 1.0])
+    per_class: list[int] = field(default_factory=lambda: [5, 10, 25, 50])
+    draws: int = 5
+    full_draws: int = 1
+
+    def validate(self) -> None:
+        _check(len(self.fractions) + len(self.per_class) > 0, "budgets", "needs at least one budget")
+        for i, f in enumerate(self.fractions):
+            _check(0.0 < f <= 1.0, f"budgets.fractions[{i}]", f"must be in (0, 1], got {f}")
+        for i, n in enumerate(self.per_class):
+            _check(n >= 2, f"budgets.per_class[{i}]", f"must be >= 2 (cross-validation needs it), got {n}")
+        _check(self.draws >= 1, "budgets.draws", f"must be >= 1, got {self.draws}")
+        _check(self.full_draws >= 1, "budgets.full_draws", f"must be >= 1, got {self.full_draws}")
+
+
+PROBE_VARIANTS = {"quantized_mean", "code_histogram", "continuous_mean"}
+PROBE_CLASSIFIERS = {"logreg", "linsvm", "knn", "mlp", "code_cnn"}
+
+
+@dataclass
+class ProbeConfig:
+    """Classifiers on frozen features and their model selection inside the labeled subset.
+
+    Args:
+        variants: feature variants: ``quantized_mean``, ``code_histogram``, ``continuous_mean``,
+            ``codes_grid_hist_GxG`` (a G x G grid of code histograms) and ``codes_grid_mean_GxG``
+            (codebook vectors mean-pooled per cell). Variants whose arrays the export lacks are skipped.
+        classifiers: ``logreg``, ``linsvm``, ``knn``, ``mlp`` (on every variant) and ``code_cnn``
+            (a small CNN on the code maps, embedding initialised from the codebook).
+        cv_folds: patient-grouped stratified folds inside the labeled subset (fewer when a class has
+            fewer patients); they pick hyper-parameters, the classifier and the decision threshold.
+        logreg_c: inverse regularisation strengths tried for logistic regression.
+        svm_c: ``C`` values tried for the linear SVM.
+        knn_k: neighbour counts tried for k-nearest neighbours (larger than the fold are dropped).
+        mlp_hidden: hidden units of the one-hidden-layer MLP.
+        mlp_alpha: L2 penalties tried for the MLP.
+        mlp_max_iter: MLP optimiser iterations.
+        report_candidates: also report every variant x classifier candidate, not only the one selected.
+    """
+
+    variants: list[str] = field(
+        default_factory=lambda: ["quantized_mean", "code_histogram", "codes_grid_mean_4x4", "continuous_mean"]
+    )
+    classifiers: list[str] = field(default_factory=lambda: ["logreg", "linsvm", "knn", "mlp", "code_cnn"])
+    cv_folds: int = 5
+    logreg_c: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    svm_c: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])
+    knn_k: list[int] = field(default_factory=lambda: [5, 15, 45])
+    mlp_hidden: int = 64
+    mlp_alpha: list[float] = field(default_factory=lambda: [1e-2, 1.0])
+    mlp_max_iter: int = 200
+    report_candidates: bool = True
+
+    def validate(self) -> None:
+        _check(len(self.variants) > 0, "probes.variants", "must list at least one feature variant")
+        for i, v in enumerate(self.variants):
+            ok = v in PROBE_VARIANTS or _grid_variant(v) is not None
+            _check(ok, f"probes.variants[{i}]", f"unknown variant {v!r}; use {sorted(PROBE_VARIANTS)} or codes_grid_hist_GxG / codes_grid_mean_GxG")
+        _check(len(self.classifiers) > 0, "probes.classifiers", "must list at least one classifier")
+        for i, c in enumerate(self.classifiers):
+            _check(c in PROBE_CLASSIFIERS, f"probes.classifiers[{i}]", f"must be one of {sorted(PROBE_CLASSIFIERS)}, got {c!r}")
+        _check(self.cv_folds >= 2, "probes.cv_folds", f"must be >= 2, got {self.cv_folds}")
+        for key in ("logreg_c", "svm_c", "mlp_alpha"):
+            values = getattr(self, key)
+            _check(len(values) > 0 and all(v > 0 for v in values), f"probes.{key}", f"must be a non-empty list of positive numbers, got {values}")
+        _check(len(self.knn_k) > 0 and all(k >= 1 for k in self.knn_k), "probes.knn_k", f"must be a non-empty list of ints >= 1, got {self.knn_k}")
+        _check(self.mlp_hidden >= 1, "probes.mlp_hidden", "must be >= 1")
+        _check(self.mlp_max_iter >= 1, "probes.mlp_max_iter", "must be >= 1")
+
+
+def _grid_variant(name: str) -> tuple[str, int] | None:
+    """``codes_grid_hist_4x4`` -> ``("hist", 4)``; ``None`` when the name is not a grid variant."""
+    for kind in ("hist", "mean"):
+        prefix = f"codes_grid_{kind}_"
+        if name.startswith(prefix):
+            size = name[len(prefix):].split("x")
+            if len(size) == 2 and size[0] == size[1] and size[0].isdigit() and int(size[0]) >= 1:
+                return kind, int(size[0])
+    return None
+
+
+@dataclass
+class CNNConfig:
+    """The two tiny CNNs: on code maps (frozen encoder) and from scratch on pixels (baseline).
+
+    Args:
+        channels: output channels of the convolution layers (each halves the resolution).
+        epochs: passes over the labeled subset, capped by ``max_steps``.
+        max_steps: at most this many optimiser steps per fit (keeps large budgets cheap).
+        batch_size: images per step (the whole subset when it is smaller).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        freeze_embedding: keep the codebook embedding of the code-map CNN fixed.
+    """
+
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    epochs: int = 30
+    max_steps: int = 200
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    freeze_embedding: bool = False
+
+    def validate(self) -> None:
+        _check(len(self.channels) > 0 and all(c >= 1 for c in self.channels), "cnn.channels", f"must be positive ints, got {self.channels}")
+        _check(self.epochs >= 1, "cnn.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.max_steps >= 1, "cnn.max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(self.batch_size >= 1, "cnn.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, "cnn.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "cnn.weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class BaselineConfig:
+    """Baselines run on the same draws as the frozen features.
+
+    Args:
+        raw_pixels: logistic regression on standardised raw pixels (``image_size`` squared).
+        pca: PCA + logistic regression on the raw pixels.
+        pca_components: PCA components (capped by the labeled subset's size).
+        random_encoder: the same probes on features of a randomly initialised encoder of the
+            pretrained architecture.
+        cnn_scratch: a tiny CNN trained from scratch on the labeled images.
+    """
+
+    raw_pixels: bool = True
+    pca: bool = True
+    pca_components: int = 50
+    random_encoder: bool = True
+    cnn_scratch: bool = True
+
+    def validate(self) -> None:
+        _check(self.pca_components >= 1, "baselines.pca_components", "must be >= 1")
+
+
+@dataclass
+class MetricConfig:
+    """Test-set metrics and their uncertainty.
+
+    Args:
+        bootstrap: bootstrap resamples of the test images (stratified by class) for the CIs.
+        ci: confidence level of the intervals.
+    """
+
+    bootstrap: int = 1000
+    ci: float = 0.95
+
+    def validate(self) -> None:
+        _check(self.bootstrap >= 10, "metrics.bootstrap", f"must be >= 10, got {self.bootstrap}")
+        _check(0.5 < self.ci < 1.0, "metrics.ci", f"must be in (0.5, 1), got {self.ci}")
+
+
+@dataclass
+class BenchmarkConfig:
+    """The low-label benchmark: ``vqmed benchmark --config configs/benchmark/NAME.yaml``.
+
+    Args:
+        name: name of the MLflow parent run.
+        seed: seeds the label draws, the folds, the classifiers and the bootstrap.
+        out: output directory (``--out`` overrides it).
+        export: the export store directory (``vqmed export --out``).
+        data_root: root of the manifest paths for the pixel baselines (``None`` = ``VQMED_DATA_ROOT``
+            or ``../shared/data``).
+        image_size: side of the raw-pixel images of the pixel baselines and the scratch CNN.
+        train_split: split the labeled subsets are drawn from.
+        test_split: split every method is evaluated on (never used for tuning).
+        positive_label: the positive class; every other label is negative.
+        threads: torch and BLAS threads (1 keeps results bit-reproducible).
+        cache_dir: image cache of the dataset loader (``None`` disables it).
+    """
+
+    name: str = "pneumonia-benchmark"
+    seed: int = 0
+    out: str = "runs/benchmark"
+    export: str = "runs/export"
+    data_root: str | None = None
+    image_size: int = 64
+    train_split: str = "train"
+    test_split: str = "test"
+    positive_label: str = "PNEUMONIA"
+    threads: int = 1
+    cache_dir: str | None = ".vqmed_cache"
+    budgets: BudgetConfig = field(default_factory=BudgetConfig)
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    cnn: CNNConfig = field(default_factory=CNNConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    metrics: MetricConfig = field(default_factory=MetricConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="vqmed-benchmark", log_model=False))
+
+    def validate(self) -> None:
+        _check(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
+        _check(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
+        _check(self.train_split != self.test_split, "test_split", "must differ from train_split")
+        self.budgets.validate()
+        self.probes.validate()
+        self.cnn.validate()
+        self.baselines.validate()
+        self.metrics.validate()

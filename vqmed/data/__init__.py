@@ -1,0 +1,39 @@
+"""vqmed.data: everything between files on disk and model-ready tensors.
+
+Owns the data root rule, manifests (build / read / write / check; paths relative to the data root,
+DICOM ids as salted hashes), DICOM handling (pydicom + pylibjpeg, VOI LUT, MONOCHROME1 inversion),
+the MONAI transform chains, the cached :class:`ImageDataset` with its quarantine of unreadable files,
+and previews. Knows nothing of models or training.
+"""
+
+from vqmed.data.dataset import ImageDataset, Quarantine
+from vqmed.data.errors import DataRootError, ManifestError, UnreadableImageError
+from vqmed.data.manifest import (
+    MANIFEST_COLUMNS,
+    CheckReport,
+    build_manifest,
+    check_manifest,
+    read_manifest,
+    resolve_data_root,
+    write_manifest,
+)
+from vqmed.data.preview import preview_files
+from vqmed.data.transforms import ImageSpec, load_image
+
+__all__ = [
+    "MANIFEST_COLUMNS",
+    "CheckReport",
+    "DataRootError",
+    "ImageDataset",
+    "ImageSpec",
+    "ManifestError",
+    "Quarantine",
+    "UnreadableImageError",
+    "build_manifest",
+    "check_manifest",
+    "load_image",
+    "preview_files",
+    "read_manifest",
+    "resolve_data_root",
+    "write_manifest",
+]

@@ -1,0 +1,178 @@
+"""DICOM through pydicom (+ the pylibjpeg decoders): headers, salted ids and display-ready pixels.
+
+Pixels go through the DICOM display pipeline so that the model sees what a radiologist sees:
+decode (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE via pylibjpeg) -> palette colour to
+RGB -> Modality LUT (Rescale Slope/Intercept) -> VOI LUT or window -> invert MONOCHROME1 so that air
+is dark and bone bright. MONAI's ``PydicomReader`` skips the last two steps, hence this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+
+from vqmed.data.errors import UnreadableImageError
+from vqmed.data.privacy import salted_id
+
+PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True when the file carries the DICOM Part 10 preamble (``DICM`` at byte 128)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_header(path: Path) -> Dataset:
+    """Read the header only (``stop_before_pixels=True``); raise :class:`UnreadableImageError`."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError, TypeError) as exc:
+        raise UnreadableImageError(path, f"unreadable DICOM header: {exc}") from exc
+
+
+def n_frames(ds: Dataset) -> int:
+    """Number of frames declared by the header (1 when absent or malformed)."""
+    try:
+        return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def is_image(ds: Dataset) -> bool:
+    """Whether the header describes pixels (Rows and Columns present), e.g. not a DICOMDIR or SR."""
+    return bool(ds.get("Rows")) and bool(ds.get("Columns"))
+
+
+def encoding_name(ds: Dataset) -> str:
+    """Transfer syntax as a name, e.g. ``JPEG 2000 Image Compression (Lossless Only)``."""
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return str(tsyntax.name) if tsyntax is not None else "unknown transfer syntax"
+
+
+def header_facts(ds: Dataset) -> dict[str, Any]:
+    """Non-identifying header facts for previews and logs (no names, ids, dates or UIDs)."""
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    voi = "VOI LUT" if ds.get("VOILUTSequence") else ("window" if "WindowCenter" in ds else "none")
+    sop = ds.get("SOPClassUID")
+    return {
+        "format": "dicom",
+        "modality": str(ds.get("Modality", "") or ""),
+        "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
+        "size": f"{rows}x{cols}" if rows and cols else "",
+        "frames": n_frames(ds),
+        "channels": int(ds.get("SamplesPerPixel", 1) or 1),
+        "bits_stored": int(ds.get("BitsStored", 0) or 0),
+        "encoding": encoding_name(ds),
+        "voi": voi,
+        "sop_class": str(getattr(sop, "name", "")) if sop else "",
+    }
+
+
+def header_ids(ds: Dataset, salt: str) -> dict[str, Any]:
+    """Salted ids for the manifest: study, series, patient, plus the (non-identifying) instance number.
+
+    A missing PatientID makes the study its own patient (conservative for split-leak checks)."""
+    study_uid = str(ds.get("StudyInstanceUID", "") or "")
+    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    patient = str(ds.get("PatientID", "") or "")
+    try:
+        instance = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") is not None else None
+    except (TypeError, ValueError):
+        instance = None
+    return {
+        "study_id": salted_id("study", study_uid, salt) if study_uid else "",
+        "series_id": salted_id("series", series_uid, salt) if series_uid else "",
+        "patient_id": salted_id("patient", patient, salt) if patient else salted_id("patient-of-study", study_uid, salt),
+        "instance": instance,
+    }
+
+
+def read_pixels(
+    path: Path, frame: int | None, spatial_dims: int, max_pixels: int
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode a DICOM file to display values, channel first.
+
+    Args:
+        path: the DICOM file.
+        frame: frame to read from a multi-frame file (2D only); ``None`` = the middle frame.
+        spatial_dims: 2 gives ``[C,H,W]``; 3 stacks all frames of a multi-frame file as ``[C,H,W,D]``.
+        max_pixels: refuse (before decoding) files whose header declares more pixels than this.
+
+    Returns:
+        float32 array in display orientation (air dark) and unscaled, plus :func:`header_facts`.
+
+    Raises:
+        UnreadableImageError: corrupt file, no pixel data, unsupported encoding, absurd size, ...
+    """
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError, TypeError) as exc:
+        raise UnreadableImageError(path, f"unreadable DICOM: {exc}") from exc
+    facts = header_facts(ds)
+    if not any(tag in ds for tag in PIXEL_TAGS):
+        raise UnreadableImageError(path, f"DICOM has no pixel data (modality {facts['modality'] or '?'})")
+    rows, cols, frames = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), n_frames(ds)
+    if rows <= 0 or cols <= 0:
+        raise UnreadableImageError(path, "DICOM header declares no image size (Rows/Columns)")
+    if spatial_dims == 3 and frames < 2:
+        raise UnreadableImageError(path, "single-frame DICOM cannot make a 3D input (series stacking is not supported)")
+    if spatial_dims == 2:
+        frame = frames // 2 if frame is None else int(frame)
+        if not 0 <= frame < frames:
+            raise UnreadableImageError(path, f"frame {frame} out of range (file has {frames})")
+        declared = rows * cols
+    else:
+        frame = None
+        declared = rows * cols * frames
+    if declared > max_pixels:
+        raise UnreadableImageError(path, f"header declares {declared:,} pixels, more than max_pixels={max_pixels:,}")
+
+    if "PixelData" in ds:
+        tsyntax = ds.file_meta.TransferSyntaxUID
+        try:
+            decoder = get_decoder(tsyntax)
+        except NotImplementedError as exc:
+            raise UnreadableImageError(path, f"unsupported encoding {facts['encoding']}: no pixel decoder") from exc
+        if not decoder.is_available:
+            raise UnreadableImageError(path, f"unsupported encoding {facts['encoding']}: no decoder plugin installed")
+    try:
+        # index=None decodes every frame; an int decodes only that frame (cheap for multi-frame files).
+        arr = pixel_array(ds, index=frame if frames > 1 else None)
+    except Exception as exc:  # decoders raise RuntimeError/ValueError/...; all mean "cannot decode"
+        raise UnreadableImageError(path, f"pixel data cannot be decoded ({facts['encoding']}): {exc}") from exc
+
+    photometric = facts["photometric"]
+    samples = facts["channels"]
+    try:
+        if photometric == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
+            samples = 3
+        elif samples == 1:
+            arr = apply_modality_lut(arr, ds)  # Rescale Slope/Intercept or Modality LUT
+            arr = apply_voi_lut(arr, ds, index=0)  # VOI LUT Sequence, else Window Center/Width
+    except Exception as exc:
+        raise UnreadableImageError(path, f"cannot apply LUT/window: {exc}") from exc
+    arr = np.asarray(arr, dtype=np.float32)
+    if photometric == "MONOCHROME1":
+        # MONOCHROME1: the minimum is displayed white. Negate so air is dark and bone bright; the
+        # min-max scaling that follows makes this equal to inverting within the display range.
+        arr = arr.max() - arr
+    facts["inverted"] = photometric == "MONOCHROME1"
+
+    # Channel first: [H,W] -> [1,H,W]; [H,W,3] -> [3,H,W]; 3D: [F,H,W(,3)] -> [C,H,W,F].
+    arr = arr[None] if samples == 1 else np.moveaxis(arr, -1, 0)
+    if spatial_dims == 3:
+        arr = np.moveaxis(arr, 1, -1)  # [C,F,H,W] -> [C,H,W,F]
+    facts["frame"] = frame
+    return np.ascontiguousarray(arr), facts

@@ -1,0 +1,457 @@
+"""Manifests: one CSV row per image, paths relative to the data root.
+
+Columns (``MANIFEST_COLUMNS``): ``study_id, path, split, label, patient_id, modality, format,
+series_id, instance, frame``. The first six are required when reading; ``instance`` and ``frame``
+are integers or empty. Rows are sorted by path and frame, so rebuilding gives the same file.
+
+What a scan of ROOT produces, file by file:
+
+- PNG/JPEG/TIFF/BMP in class folders (``[SPLIT/]LABEL/FILE``): label = the parent folder, split =
+  the folder above it when that is ``train``/``val``/``test`` (e.g. ``chest_xray/train/NORMAL``,
+  ``cifar10/test/cat``; ``stl10/train`` is the class "train" because ``stl10`` is no split).
+  ``study_id`` = the path without its suffix. Kermany file names give the patient id
+  (:func:`kermany_patient_id`); otherwise every image is its own patient (``patient_id = study_id``).
+- DICOM (any name, found by suffix or the ``DICM`` magic; headers only): one row per instance, or per
+  frame of a multi-frame instance; ``study_id``, ``series_id`` and ``patient_id`` are salted hashes
+  (:mod:`vqmed.data.privacy`), never raw UIDs or patient ids. Split/label only under a split folder.
+- NIfTI (``.nii``/``.nii.gz``, 2D or 3D): one row per file.
+- IDX (MNIST, ``*-images-idx3-ubyte[.gz]``): one row per image with ``frame`` = its index; labels from
+  the sibling ``*-labels-idx1-ubyte[.gz]``; split from the name (``t10k``/``test`` -> test, ``train``).
+
+Junk (``.DS_Store``, ``Thumbs.db``, ``._*``, other hidden files) is skipped and counted; files whose
+header cannot be read are left out and listed in the scan report's ``quarantined``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vqmed.data import dicom
+from vqmed.data.errors import DataRootError, ManifestError, UnreadableImageError
+from vqmed.data.privacy import resolve_salt
+from vqmed.data.progress import progress_bar
+from vqmed.data.readers import check_file, detect_format, idx_header, idx_labels_path, read_header, read_idx, safe_path
+
+DATA_ROOT_ENV = "VQMED_DATA_ROOT"
+MANIFEST_COLUMNS = ["study_id", "path", "split", "label", "patient_id", "modality", "format", "series_id", "instance", "frame"]
+REQUIRED_COLUMNS = MANIFEST_COLUMNS[:6]
+INT_COLUMNS = ("instance", "frame")
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test", "testing": "test"}
+JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Kermany et al. names. PNEUMONIA: personN_{bacteria|virus}_K; NORMAL: [NORMAL2-]IM-NNNN-MMMM[-...].
+_KERMANY_PERSON = re.compile(r"^(person\d+)_(bacteria|virus)_\d+", re.IGNORECASE)
+_KERMANY_IM = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+", re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------------- data root
+
+
+def resolve_data_root(cli_value: str | Path | None = None) -> Path:
+    """The folder manifest paths are relative to.
+
+    Order: ``cli_value`` (``--data-root``), else ``$VQMED_DATA_ROOT``, else ``<cwd>/../shared/data``,
+    else ``<repo root>/../shared/data``. An explicit value that is not a folder is an error (no
+    silent fallback).
+
+    Raises:
+        DataRootError: naming what was tried.
+    """
+    for source, value in (("--data-root", cli_value), (DATA_ROOT_ENV, os.environ.get(DATA_ROOT_ENV))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_dir():
+                raise DataRootError(f"data root from {source} does not exist or is not a folder: {path}")
+            return Path(os.path.abspath(path))
+    tried = [Path.cwd() / ".." / "shared" / "data", _REPO_ROOT / ".." / "shared" / "data"]
+    for path in tried:
+        if path.is_dir():
+            return Path(os.path.abspath(path))
+    raise DataRootError(
+        "no data root found: pass --data-root, set VQMED_DATA_ROOT, or place the data at one of "
+        + ", ".join(os.path.abspath(p) for p in tried)
+    )
+
+
+# ----------------------------------------------------------------------------------- building
+
+
+def kermany_patient_id(name: str) -> str | None:
+    """Patient id from a Kermany chest X-ray file name, or ``None`` for other names.
+
+    ``person1946_bacteria_4875.jpeg`` -> ``person1946_bacteria``; ``IM-0115-0001.jpeg`` -> ``IM-0115``;
+    ``NORMAL2-IM-1427-0001.jpeg`` -> ``NORMAL2-IM-1427``.
+
+    The numbers are separate sequences per name family: person numbers are counted separately for
+    bacterial and viral cases, and ``IM-`` / ``NORMAL2-IM-`` are two batches. Within each family the
+    official train/test split never shares a number, while the bare numbers coincide 264 times across
+    the split (e.g. train ``person1_bacteria_*`` and test ``person1_virus_*``): the family is part of
+    the patient id.
+    """
+    m = _KERMANY_PERSON.match(name)
+    if m:
+        return f"{m.group(1)}_{m.group(2).lower()}"
+    m = _KERMANY_IM.match(name)
+    return m.group(1) if m else None
+
+
+def build_manifest(
+    root: Path,
+    data_root: Path,
+    salt: str | None = None,
+    progress: bool = True,
+    multiframe: str = "frames",
+    labels_from_folders: bool | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Scan ROOT (a folder or one file inside the data root) and return ``(manifest, scan_report)``.
+
+    Args:
+        root: what to scan; relative paths that do not exist from the working directory are taken
+            relative to ``data_root``.
+        data_root: folder that manifest paths are relative to; ``root`` must lie inside it.
+        salt: salt for DICOM ids (else ``$VQMED_ID_SALT``, else the per-user salt file); only
+            resolved when DICOM files are found.
+        progress: show a tqdm bar (off when ``CI`` is set).
+        multiframe: ``frames`` = one row per frame of a multi-frame DICOM (2D training), ``volume`` =
+            one row per instance (3D).
+        labels_from_folders: ``None`` = class folders give labels for images/NIfTI, and for DICOM
+            only under a split folder; ``True``/``False`` force it on/off for every file.
+
+    Returns:
+        The manifest (``MANIFEST_COLUMNS``) and a JSON-able report: ``files_seen``, ``rows``,
+        ``by_format``, ``skipped_junk`` (+ ``junk_files``), ``skipped_unknown`` (+ ``unknown_files``),
+        ``skipped_non_image`` (DICOM without pixels, e.g. DICOMDIR; IDX labels files), ``quarantined_headers`` (+
+        ``quarantined``: ``[path, reason]``), ``splits``, ``labels``.
+    """
+    if multiframe not in ("frames", "volume"):
+        raise ValueError(f"multiframe must be 'frames' or 'volume', got {multiframe!r}")
+    data_real = os.path.realpath(data_root)
+    root = Path(root)
+    if not root.exists() and not root.is_absolute() and (Path(data_root) / root).exists():
+        root = Path(data_root) / root
+    if not root.exists():
+        raise FileNotFoundError(f"nothing to scan: {root} does not exist")
+    root_real = os.path.realpath(root)
+    if os.path.commonpath([data_real, root_real]) != data_real:
+        raise ValueError(f"{root} is outside the data root {data_root}; manifests hold paths relative to it")
+
+    files, junk, hidden_dirs = _walk(root_real)
+    report: dict[str, Any] = {
+        "root": os.path.relpath(root_real, data_real), "data_root": str(data_root), "files_seen": len(files) + len(junk),
+        "rows": 0, "by_format": {}, "skipped_junk": len(junk), "junk_files": [_rel(p, data_real) for p in junk[:20]],
+        "skipped_hidden_dirs": hidden_dirs, "skipped_unknown": 0, "unknown_files": [], "skipped_non_image": 0,
+        "quarantined_headers": 0, "quarantined": [],
+    }
+    root_dir = root_real if os.path.isdir(root_real) else os.path.dirname(root_real)
+    state = {"salt": salt, "salt_resolved": None}
+    rows: list[dict[str, Any]] = []
+    by_format: Counter = Counter()
+    for path in progress_bar(files, total=len(files), desc=f"scan {report['root']}", enable=progress):
+        rel = _rel(path, data_real)
+        fmt = detect_format(Path(path))
+        if fmt is None:
+            report["skipped_unknown"] += 1
+            if len(report["unknown_files"]) < 20:
+                report["unknown_files"].append(rel)
+            continue
+        folder_split, folder_label = _folder_labels(path, root_dir, data_real)
+        try:
+            check_file(Path(path))  # broken link, no permission, empty file: a clear reason
+            real = os.path.realpath(path)
+            if os.path.commonpath([data_real, real]) != data_real:
+                raise UnreadableImageError(rel, "symbolic link escapes the data root")
+            if fmt == "dicom":
+                new = _dicom_rows(Path(path), rel, state, multiframe, folder_split, folder_label, labels_from_folders)
+            elif fmt == "idx":
+                new = _idx_rows(Path(path), rel, folder_split)
+            else:
+                facts = read_header(Path(path), fmt)
+                use = labels_from_folders is not False
+                study = _strip_suffix(rel)
+                patient = kermany_patient_id(Path(path).name) or study
+                new = [_row(study, rel, folder_split if use else "", folder_label if use else "", patient, "", facts["format"])]
+        except UnreadableImageError as exc:
+            report["quarantined"].append([rel, exc.reason])
+            continue
+        if not new:  # DICOM without pixels (DICOMDIR, SR, ...) or an IDX labels file
+            report["skipped_non_image"] += 1
+            continue
+        by_format[new[0]["format"]] += 1
+        rows.extend(new)
+
+    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    df = _normalise(df).sort_values(["path", "frame"], na_position="first", kind="stable").reset_index(drop=True)
+    report["rows"] = len(df)
+    report["by_format"] = dict(sorted(by_format.items()))
+    report["quarantined_headers"] = len(report["quarantined"])
+    report["splits"] = {str(k): int(v) for k, v in df["split"].value_counts().sort_index().items()}
+    report["labels"] = {str(k): int(v) for k, v in df["label"].value_counts().sort_index().items()}
+    return df, report
+
+
+def _walk(root_real: str) -> tuple[list[str], list[str], int]:
+    if os.path.isfile(root_real):
+        return [root_real], [], 0
+    files, junk, hidden_dirs = [], [], 0
+    for dirpath, dirnames, filenames in os.walk(root_real, followlinks=False):
+        hidden = [d for d in dirnames if d.startswith(".")]
+        hidden_dirs += len(hidden)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            (junk if name.lower() in JUNK_NAMES or name.startswith(".") else files).append(full)
+    return files, junk, hidden_dirs
+
+
+def _rel(path: str, data_real: str) -> str:
+    return Path(os.path.relpath(path, data_real)).as_posix()
+
+
+def _strip_suffix(rel: str) -> str:
+    for suffix in (".nii.gz", ".gz"):
+        if rel.lower().endswith(suffix):
+            rel = rel[: -len(suffix)]
+            break
+    stem, ext = os.path.splitext(rel)
+    return stem if ext and "/" not in ext else rel
+
+
+def _folder_labels(path: str, root_dir: str, data_real: str) -> tuple[str, str]:
+    """(split, label) from class folders: label = parent folder below ROOT, split = the folder above it."""
+    parent = os.path.dirname(path)
+    below_root = Path(os.path.relpath(parent, root_dir)).parts
+    below_root = () if below_root == (".",) else below_root
+    if not below_root:
+        return "", ""
+    label = below_root[-1]
+    above = Path(os.path.relpath(parent, data_real)).parts
+    split = SPLIT_NAMES.get(above[-2].lower(), "") if len(above) >= 2 else ""
+    return split, label
+
+
+def _row(study: str, rel: str, split: str, label: str, patient: str, modality: str, fmt: str,
+         series: str = "", instance: int | None = None, frame: int | None = None) -> dict[str, Any]:
+    return {"study_id": study, "path": rel, "split": split, "label": label, "patient_id": patient,
+            "modality": modality, "format": fmt, "series_id": series, "instance": instance, "frame": frame}
+
+
+def _dicom_rows(path: Path, rel: str, state: dict, multiframe: str, split: str, label: str,
+                labels_from_folders: bool | None) -> list[dict[str, Any]]:
+    ds = dicom.read_header(path)
+    if not dicom.is_image(ds):
+        return []
+    if state["salt_resolved"] is None:
+        state["salt_resolved"] = resolve_salt(state["salt"])
+    ids = dicom.header_ids(ds, state["salt_resolved"])
+    if not ids["study_id"]:
+        raise UnreadableImageError(rel, "DICOM header lacks StudyInstanceUID")
+    if labels_from_folders is False or (labels_from_folders is None and not split):
+        split, label = "", ""
+    modality = str(ds.get("Modality", "") or "")
+    frames = dicom.n_frames(ds)
+    per_frame = range(frames) if multiframe == "frames" and frames > 1 else [None]
+    return [_row(ids["study_id"], rel, split, label, ids["patient_id"], modality, "dicom", ids["series_id"],
+                 ids["instance"], f) for f in per_frame]
+
+
+def _idx_rows(path: Path, rel: str, folder_split: str) -> list[dict[str, Any]]:
+    _, shape = idx_header(path)
+    if len(shape) == 1:
+        return []  # a labels file (read with its images file)
+    if len(shape) != 3:
+        raise UnreadableImageError(rel, f"IDX file holds {len(shape)}-D data, expected N x H x W images")
+    labels = [""] * shape[0]
+    labels_path = idx_labels_path(path)
+    if labels_path is not None:
+        values = read_idx(labels_path)
+        if values.shape != (shape[0],):
+            raise UnreadableImageError(rel, f"labels file {labels_path.name} holds {values.shape}, expected ({shape[0]},)")
+        labels = [str(int(v)) for v in values]
+    lower = path.name.lower()
+    split = "test" if lower.startswith(("t10k", "test")) else "train" if lower.startswith("train") else folder_split
+    stem = _strip_suffix(rel)
+    return [_row(f"{stem}/{i:05d}", rel, split, labels[i], f"{stem}/{i:05d}", "", "idx", frame=i)
+            for i in range(shape[0])]
+
+
+def _normalise(df: pd.DataFrame) -> pd.DataFrame:
+    """Fixed column order, strings for text columns, nullable Int64 for instance/frame."""
+    out = df.copy()
+    for col in MANIFEST_COLUMNS:
+        if col not in out.columns:
+            out[col] = None if col in INT_COLUMNS else ""
+    for col in out.columns:
+        if col in INT_COLUMNS:
+            out[col] = pd.array([None if pd.isna(v) or v == "" else int(v) for v in out[col]], dtype="Int64")
+        else:
+            out[col] = out[col].fillna("").astype(str)
+    extras = [c for c in out.columns if c not in MANIFEST_COLUMNS]
+    return out[MANIFEST_COLUMNS + extras]
+
+
+# ----------------------------------------------------------------------------------- file I/O
+
+
+def write_manifest(df: pd.DataFrame, path: Path) -> None:
+    """Write a manifest CSV (UTF-8, ``\\n`` line ends), atomically (temp file + rename)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{path}: cannot write a manifest without columns {missing}")
+    out = _normalise(df)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    out.to_csv(tmp, index=False, encoding="utf-8", lineterminator="\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Read and validate a manifest CSV.
+
+    Raises:
+        ManifestError: naming the file and the row (CSV line) for a missing file, bad UTF-8, missing
+            columns, a wrong number of fields, an empty ``path``/``study_id`` or a non-integer
+            ``frame``/``instance``.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read manifest ({exc.strerror or exc})") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ManifestError(f"{path}: line {line} is not valid UTF-8 (byte {exc.start})") from exc
+    records = list(csv.reader(io.StringIO(text, newline="")))
+    if not records:
+        raise ManifestError(f"{path}: empty file (no header)")
+    header = [h.strip() for h in records[0]]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ManifestError(f"{path}: missing required column(s) {missing}; header is {header}")
+    if len(set(header)) != len(header):
+        raise ManifestError(f"{path}: duplicate column names in header {header}")
+    body = []
+    for n, rec in enumerate(records[1:], start=2):
+        if not rec:
+            continue  # blank line
+        if len(rec) != len(header):
+            raise ManifestError(f"{path}: row at line {n} has {len(rec)} fields, the header has {len(header)}")
+        body.append((n, rec))
+    df = pd.DataFrame([rec for _, rec in body], columns=header, dtype=str)
+    lines = [n for n, _ in body]
+    for col in ("path", "study_id"):
+        empty = np.flatnonzero(df[col].str.strip().eq("").to_numpy()) if len(df) else []
+        if len(empty):
+            raise ManifestError(f"{path}: row at line {lines[empty[0]]} has an empty {col!r}")
+    for col in INT_COLUMNS:
+        if col in df.columns:
+            for i, value in enumerate(df[col].tolist()):
+                if value != "" and not (value.isdigit() and value.isascii()):
+                    raise ManifestError(f"{path}: row at line {lines[i]}, column {col!r}: {value!r} is not a non-negative integer")
+    return _normalise(df)
+
+
+# ----------------------------------------------------------------------------------- checking
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_manifest` found.
+
+    Args:
+        n_rows: rows checked.
+        n_files: distinct files.
+        missing: ``(row, path)`` for files that do not exist.
+        unreadable: ``(row, path, reason)`` for files whose header cannot be read, frames out of
+            range, or paths escaping the data root.
+        duplicate_study_ids: study ids listed twice for the same image (same series, instance and
+            frame), or spread over several patients or splits.
+        split_leaks: patient id -> the splits it appears in, for patients in more than one
+            (non-empty) split.
+    """
+
+    n_rows: int = 0
+    n_files: int = 0
+    missing: list[tuple[int, str]] = field(default_factory=list)
+    unreadable: list[tuple[int, str, str]] = field(default_factory=list)
+    duplicate_study_ids: list[str] = field(default_factory=list)
+    split_leaks: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """No missing or unreadable file, no duplicate study, no patient in two splits."""
+        return not (self.missing or self.unreadable or self.duplicate_study_ids or self.split_leaks)
+
+    def summary(self) -> str:
+        """A few human-readable lines, ending in OK or FAILED."""
+        lines = [f"{self.n_rows} rows, {self.n_files} files"]
+
+        def part(title: str, items: list, fmt) -> None:
+            lines.append(f"{title}: {len(items)}")
+            lines.extend(f"  {fmt(x)}" for x in items[:5])
+            if len(items) > 5:
+                lines.append(f"  ... and {len(items) - 5} more")
+
+        part("missing files", self.missing, lambda x: f"row {x[0]}: {x[1]}")
+        part("unreadable files", self.unreadable, lambda x: f"row {x[0]}: {x[1]}: {x[2]}")
+        part("duplicate study ids", self.duplicate_study_ids, str)
+        part("patients in more than one split", sorted(self.split_leaks.items()), lambda x: f"{x[0]}: {', '.join(x[1])}")
+        lines.append("OK" if self.ok else "FAILED")
+        return "\n".join(lines)
+
+
+def check_manifest(df: pd.DataFrame, data_root: Path, progress: bool = True) -> CheckReport:
+    """Check a manifest against the files: existence, readable headers, duplicates, split leaks.
+
+    Headers only are read (fast); decoding problems show up in :class:`ImageDataset`'s quarantine.
+    """
+    df = _normalise(df)
+    report = CheckReport(n_rows=len(df), n_files=int(df["path"].nunique()))
+    header_cache: dict[str, dict | str] = {}
+    for pos, (rel, frame) in progress_bar(
+        enumerate(zip(df["path"].tolist(), df["frame"].tolist())), total=len(df), desc="check files", enable=progress
+    ):
+        if rel not in header_cache:
+            try:
+                path = safe_path(Path(data_root), rel)
+                if not path.exists() and not path.is_symlink():
+                    header_cache[rel] = "missing"
+                else:
+                    header_cache[rel] = read_header(path)
+            except UnreadableImageError as exc:
+                header_cache[rel] = exc.reason
+        facts = header_cache[rel]
+        if facts == "missing":
+            report.missing.append((pos, rel))
+        elif isinstance(facts, str):
+            report.unreadable.append((pos, rel, facts))
+        elif not pd.isna(frame) and int(frame) >= int(facts.get("frames", 1) or 1):
+            report.unreadable.append((pos, rel, f"frame {int(frame)} out of range (file has {facts.get('frames')})"))
+
+    image_key = ["study_id", "series_id", "instance", "frame"]
+    keyed = df[image_key].astype(str)
+    dup = set(df.loc[keyed.duplicated(keep=False).to_numpy(), "study_id"])
+    per_study = df.groupby("study_id", sort=True).agg(patients=("patient_id", "nunique"), splits=("split", "nunique"))
+    dup |= set(per_study.index[(per_study["patients"] > 1) | (per_study["splits"] > 1)])
+    report.duplicate_study_ids = sorted(dup)
+
+    splits_of: dict[str, set[str]] = defaultdict(set)
+    for patient, split in zip(df["patient_id"].tolist(), df["split"].tolist()):
+        if patient and split:
+            splits_of[patient].add(split)
+    report.split_leaks = {p: sorted(s) for p, s in sorted(splits_of.items()) if len(s) > 1}
+    return report

@@ -1,0 +1,228 @@
+"""MONAI dictionary-transform chains that turn a file into the model's input.
+
+Deterministic chain (cached by :class:`vqmed.data.ImageDataset`)::
+
+    LoadMedicalImaged  file -> float32 [C,H,W(,D)] via PIL / pydicom / nibabel / IDX (display orientation)
+    ToChannelsd        RGB -> grey (luminance; identical channels stay exact) or grey -> RGB
+    Resized            to spec.image_size (2D square, 3D cube), area interpolation (anti-aliased downsampling)
+    ScaleIntensityd    per-image min-max to [0, 1]
+    EnsureTyped        plain float32 numpy, no MONAI metadata
+
+Augmentation chain (pretraining only, applied on top of the cached image): small RandAffined,
+RandAdjustContrastd, RandGaussianNoised, then clamped to [0, 1]. No flips: left/right matters
+in chest radiographs (heart side).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Hashable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    RandAdjustContrastd,
+    RandAffined,
+    RandGaussianNoised,
+    Resized,
+    ScaleIntensityd,
+)
+
+from vqmed.data.errors import UnreadableImageError
+from vqmed.data.readers import DEFAULT_MAX_PIXELS, read_pixels
+
+# Bump whenever the deterministic chain changes what it produces: it is part of every cache key.
+TRANSFORM_VERSION = 1
+
+# ITU-R BT.601 luma, as PIL's convert("L"); weights sum to 1, so identical channels give that channel.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the model sees; part of the cache key.
+
+    Args:
+        image_size: side length after resizing (2D: ``image_size x image_size``; 3D: a cube).
+        spatial_dims: 2 for images, 3 for volumes.
+        channels: 1 (grey; RGB is converted by luminance) or 3 (true colour kept; grey repeated).
+    """
+
+    image_size: int
+    spatial_dims: int = 2
+    channels: int = 1
+
+    def __post_init__(self) -> None:
+        if int(self.image_size) < 1:
+            raise ValueError(f"ImageSpec.image_size must be >= 1, got {self.image_size}")
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"ImageSpec.spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"ImageSpec.channels must be 1 or 3, got {self.channels}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Output shape ``(C, S, S)`` or ``(C, S, S, S)``."""
+        return (self.channels,) + (self.image_size,) * self.spatial_dims
+
+    def key(self) -> str:
+        """Stable short id of (spec, transform version), used to name the cache folder."""
+        payload = json.dumps({**asdict(self), "transform_version": TRANSFORM_VERSION}, sort_keys=True)
+        digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
+        return f"{self.spatial_dims}d-s{self.image_size}-c{self.channels}-v{TRANSFORM_VERSION}-{digest}"
+
+
+class LoadMedicalImaged(MapTransform):
+    """Read ``data[key]`` (a path) with the format's own library into float32 ``[C,H,W(,D)]``.
+
+    DICOM goes through the full display pipeline (modality LUT, VOI LUT/window, MONOCHROME1 inverted);
+    PNG/JPEG keep rows = image height (MONAI's PIL reader would transpose them).
+
+    Args:
+        keys: key(s) holding file paths.
+        spatial_dims: 2 or 3 (see :func:`vqmed.data.readers.read_pixels`).
+        frame_key: key holding the frame index (``None``/missing = the middle frame).
+        facts_key: key that receives the non-identifying header facts.
+        max_pixels: refuse files whose header declares more pixels than this.
+    """
+
+    def __init__(
+        self,
+        keys: str | list[str],
+        spatial_dims: int = 2,
+        frame_key: str = "frame",
+        facts_key: str = "facts",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__(keys)
+        self.spatial_dims = spatial_dims
+        self.frame_key = frame_key
+        self.facts_key = facts_key
+        self.max_pixels = max_pixels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        frame = d.get(self.frame_key)
+        frame = None if frame is None or (isinstance(frame, float) and math.isnan(frame)) else int(frame)
+        for key in self.key_iterator(d):
+            d[key], d[self.facts_key] = read_pixels(Path(d[key]), frame, self.spatial_dims, self.max_pixels)
+        return d
+
+
+class ToChannelsd(MapTransform):
+    """Convert channel-first arrays to ``channels`` channels.
+
+    Args:
+        keys: keys to convert.
+        channels: 1 (RGB -> luminance; identical RGB channels give exactly that channel) or 3
+            (grey repeated, colour kept).
+        facts_key: key of the facts dict that records the source colour (``grey``, ``rgb-grey``, ``rgb``).
+    """
+
+    def __init__(self, keys: str | list[str], channels: int = 1, facts_key: str = "facts") -> None:
+        super().__init__(keys)
+        self.channels = channels
+        self.facts_key = facts_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = np.asarray(d[key], dtype=np.float32)
+            if img.shape[0] == 3:
+                grey_rgb = bool(np.array_equal(img[0], img[1]) and np.array_equal(img[0], img[2]))
+                colour = "rgb-grey" if grey_rgb else "rgb"
+                if self.channels == 1:
+                    img = img[:1] if grey_rgb else np.tensordot(_LUMA, img, axes=1)[None].astype(np.float32)
+            else:
+                colour = "grey"
+                if self.channels == 3:
+                    img = np.repeat(img, 3, axis=0)
+            d[key] = img
+            if isinstance(d.get(self.facts_key), dict):
+                d[self.facts_key]["colour"] = colour
+        return d
+
+
+def deterministic_transform(spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Compose:
+    """The cached part: load, fix channels, resize, scale to [0, 1] (see module docstring)."""
+    return Compose(
+        [
+            LoadMedicalImaged("image", spatial_dims=spec.spatial_dims, max_pixels=max_pixels),
+            ToChannelsd("image", channels=spec.channels),
+            # "area" = adaptive average pooling: anti-aliased downsizing of 2000-px radiographs,
+            # cheap, and exact for integer factors.
+            Resized("image", spatial_size=(spec.image_size,) * spec.spatial_dims, mode="area"),
+            ScaleIntensityd("image", minv=0.0, maxv=1.0),
+            EnsureTyped("image", data_type="numpy", dtype=np.float32, track_meta=False),
+        ]
+    )
+
+
+def augment_transform(spec: ImageSpec) -> Compose:
+    """Mild random augmentation for pretraining, on a float tensor already in [0, 1]."""
+    nd = spec.spatial_dims
+    rot = math.radians(5.0)
+    return Compose(
+        [
+            RandAffined(
+                "image",
+                prob=0.8,
+                rotate_range=(rot,) if nd == 2 else (rot, rot, rot),
+                scale_range=(0.05,) * nd,
+                translate_range=(0.03 * spec.image_size,) * nd,
+                mode="bilinear",
+                padding_mode="border",
+            ),
+            RandAdjustContrastd("image", prob=0.3, gamma=(0.85, 1.15)),
+            RandGaussianNoised("image", prob=0.2, mean=0.0, std=0.01),
+            EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
+        ]
+    )
+
+
+def run_transform(transform: Compose, path: Path, frame: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Apply a deterministic chain to one file; unwrap MONAI's ``RuntimeError`` into the reader's reason."""
+    try:
+        out = transform({"image": str(path), "frame": frame})
+    except Exception as exc:  # MONAI wraps every failure as RuntimeError("applying transform ...")
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, UnreadableImageError):
+            cause = cause.__cause__
+        if isinstance(cause, UnreadableImageError):
+            raise UnreadableImageError(path, cause.reason) from exc
+        inner = exc
+        while inner.__cause__ is not None:
+            inner = inner.__cause__
+        raise UnreadableImageError(path, f"{type(inner).__name__}: {inner}") from exc
+    img = np.asarray(out["image"], dtype=np.float32)
+    return img, dict(out.get("facts") or {})
+
+
+def load_image(
+    path: Path, spec: ImageSpec, frame: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Load one file exactly as the model sees it (without augmentation).
+
+    Args:
+        path: PNG/JPEG/TIFF/BMP, DICOM, NIfTI or IDX file.
+        spec: output size, dimensionality and channels.
+        frame: frame of a multi-frame file / slice of a volume (2D) / image index in an IDX file;
+            ``None`` = the middle one.
+        max_pixels: refuse files whose header declares more pixels than this, before decoding.
+
+    Returns:
+        ``float32 [C,H,W]`` or ``[C,H,W,D]`` in [0, 1], and non-identifying header facts (format,
+        modality, photometric, size, frames, channels, encoding, colour, ...).
+
+    Raises:
+        UnreadableImageError: the path and a one-line reason.
+    """
+    return run_transform(deterministic_transform(spec, max_pixels), Path(path), frame)

@@ -1,0 +1,92 @@
+"""Feature variants of an export: pooled vectors, bags of codes and spatially pooled code maps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+DIRECT_VARIANTS = ("quantized_mean", "code_histogram", "continuous_mean")
+
+
+def parse_grid_variant(name: str) -> tuple[str, int] | None:
+    """``codes_grid_hist_4x4`` -> ``("hist", 4)``, ``codes_grid_mean_2x2`` -> ``("mean", 2)``, else ``None``."""
+    for kind in ("hist", "mean"):
+        prefix = f"codes_grid_{kind}_"
+        if name.startswith(prefix):
+            size = name[len(prefix):].split("x")
+            if len(size) == 2 and size[0] == size[1] and size[0].isdigit() and int(size[0]) >= 1:
+                return kind, int(size[0])
+    return None
+
+
+def grid_code_histograms(codes: np.ndarray, n_codes: int, grid: int, chunk: int = 256) -> np.ndarray:
+    """Normalised code histogram of every cell of a ``grid`` x ... x ``grid`` partition of the code maps.
+
+    Works for 2D ``(N, h, w)`` and 3D ``(N, d, h, w)`` maps; cells split each axis as evenly as
+    possible (``floor(position * grid / size)``), so sizes need not be divisible by ``grid``.
+
+    Args:
+        codes: integer code maps, ``(N, *spatial)``.
+        n_codes: codebook size ``K``.
+        grid: cells per axis.
+        chunk: maps processed at once (bounds memory at ``chunk * cells * K`` counts).
+
+    Returns:
+        ``(N, cells, K)`` float32 histograms, each cell summing to 1.
+    """
+    codes = np.asarray(codes)
+    spatial = codes.shape[1:]
+    if grid > min(spatial):
+        raise ValueError(f"grid {grid} is finer than the code maps {spatial}")
+    if codes.size and int(codes.max()) >= n_codes:
+        raise ValueError(f"code {int(codes.max())} is outside a codebook of {n_codes} entries")
+    axes = [np.arange(s) * grid // s for s in spatial]
+    cell = np.zeros(spatial, dtype=np.int64)
+    for axis, idx in enumerate(axes):
+        shape = [1] * len(spatial)
+        shape[axis] = len(idx)
+        cell = cell * grid + idx.reshape(shape)
+    cell = cell.ravel()
+    n_cells = grid ** len(spatial)
+    per_cell = np.bincount(cell, minlength=n_cells).astype(np.float32)
+    out = np.empty((len(codes), n_cells, n_codes), dtype=np.float32)
+    for start in range(0, len(codes), chunk):
+        block = codes[start:start + chunk].reshape(-1, cell.size).astype(np.int64)
+        rows = np.arange(len(block))[:, None]
+        flat = (rows * n_cells + cell[None, :]) * n_codes + block
+        counts = np.bincount(flat.ravel(), minlength=len(block) * n_cells * n_codes)
+        out[start:start + len(block)] = counts.reshape(len(block), n_cells, n_codes) / per_cell[None, :, None]
+    return out
+
+
+def feature_variant(name: str, arrays: Mapping[str, np.ndarray], codebook: np.ndarray | None) -> np.ndarray:
+    """One named feature matrix ``(N, F)`` built from the arrays of an export.
+
+    Args:
+        name: ``quantized_mean``, ``code_histogram``, ``continuous_mean`` (taken as exported), or
+            ``codes_grid_hist_GxG`` / ``codes_grid_mean_GxG`` (from ``codes`` and ``codebook``: per
+            cell the code histogram, or the mean codebook vector of the cell's codes).
+        arrays: the export's arrays by name, aligned with its index.
+        codebook: ``(K, D)`` codebook (needed by the grid variants).
+
+    Raises:
+        KeyError: when the export lacks what the variant needs.
+    """
+    if name in DIRECT_VARIANTS:
+        if name not in arrays:
+            raise KeyError(f"variant {name!r} needs the export array {name!r}")
+        x = np.asarray(arrays[name], dtype=np.float32)
+        return x.reshape(len(x), -1)
+    parsed = parse_grid_variant(name)
+    if parsed is None:
+        raise KeyError(f"unknown feature variant {name!r}")
+    if "codes" not in arrays or codebook is None:
+        raise KeyError(f"variant {name!r} needs the export's 'codes' and its codebook")
+    kind, grid = parsed
+    hist = grid_code_histograms(arrays["codes"], len(codebook), grid)
+    if kind == "hist":
+        return hist.reshape(len(hist), -1)
+    # mean codebook vector per cell = cell histogram @ codebook (no (N, h, w, D) tensor needed)
+    pooled = hist @ np.asarray(codebook, dtype=np.float32)
+    return pooled.reshape(len(pooled), -1)

@@ -1,0 +1,122 @@
+"""Per-batch features of a frozen VQ model: code maps and pooled embeddings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["compute_features", "model_fingerprint", "codebooks"]
+
+# uint16 code maps hold at most this many codebook entries.
+MAX_CODES = np.iinfo(np.uint16).max + 1
+
+
+def _levels(model: nn.Module) -> int:
+    return int(getattr(model, "levels", 1))
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every spatial axis of ``[B, D, *spatial]`` -> ``[B, D]``."""
+    return x.flatten(2).mean(dim=2)
+
+
+def _histogram(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """Normalised bag-of-codes ``[B, K]`` of code maps ``[B, *spatial]``."""
+    flat = codes.reshape(codes.shape[0], -1)
+    counts = torch.zeros(codes.shape[0], num_codes, dtype=torch.float32, device=codes.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    return counts / flat.shape[1]
+
+
+def _as_uint16(codes: torch.Tensor, num_codes: int) -> np.ndarray:
+    if num_codes > MAX_CODES:
+        raise ValueError(f"codebook of {num_codes} entries does not fit uint16 code maps (max {MAX_CODES})")
+    return codes.to("cpu", torch.int32).numpy().astype(np.uint16)
+
+
+def _quantized_mean(quantizer: nn.Module, codes: torch.Tensor) -> torch.Tensor:
+    # Look the vectors up in the codebook rather than reading z_q from the forward pass: in eval the
+    # straight-through form z + (q - z) differs from q in the last bits, the lookup is exact.
+    vectors = quantizer.codebook.detach()[codes]  # [B, *spatial, D]
+    return vectors.flatten(1, -2).mean(dim=1).float()
+
+
+@torch.no_grad()
+def compute_features(model: nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Code maps and pooled embeddings of one batch, with the model frozen (eval mode, no gradients).
+
+    Args:
+        model: a vqmed VQ model (``vqvae`` or the two-level ``vqvae2``); it is switched to eval mode.
+        images: ``[N, C, *spatial]`` float batch on the model's device, in [0, 1].
+
+    Returns:
+        ``codes`` ``(N, *latent)`` uint16 finest code map; ``codes_top`` and ``code_histogram_top``
+        for two-level models; ``quantized_mean`` ``(N, D)`` mean of the quantized vectors;
+        ``code_histogram`` ``(N, K)`` normalised bag-of-codes; ``continuous_mean`` ``(N, D)`` mean of
+        the pre-quantization features (all float32).
+    """
+    model.eval()
+    # One encoder pass gives both the continuous latents and the codes; quantize() in eval mode is a
+    # pure nearest-code lookup, the same one index_quantize() does.
+    z = model.encode(images)
+    _, indices, _ = model.quantize(z)
+    quantizers = list(model.quantizers)  # [bottom, top] for two levels
+    if _levels(model) == 2:
+        (bottom, top), z_bottom = indices, z[0]
+    else:
+        bottom, top, z_bottom = indices, None, z
+    bottom = bottom.long()
+    k = int(quantizers[0].codebook.shape[0])
+    out = {
+        "codes": _as_uint16(bottom, k),
+        "quantized_mean": _quantized_mean(quantizers[0], bottom).cpu().numpy(),
+        "code_histogram": _histogram(bottom, k).cpu().numpy(),
+        "continuous_mean": _pool(z_bottom.float()).cpu().numpy(),
+    }
+    if top is not None:
+        top = top.long()
+        k_top = int(quantizers[1].codebook.shape[0])
+        out["codes_top"] = _as_uint16(top, k_top)
+        out["code_histogram_top"] = _histogram(top, k_top).cpu().numpy()
+    return out
+
+
+def codebooks(model: nn.Module) -> dict[str, np.ndarray]:
+    """The codebook(s) as float32 arrays: ``codebook`` (finest level) and ``codebook_top`` (two levels)."""
+    books = [q.codebook.detach().float().cpu().numpy().copy() for q in model.quantizers]
+    return dict(zip(("codebook", "codebook_top"), books))
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def model_fingerprint(model: nn.Module, model_name: str, model_config: dict) -> str:
+    """Model id: SHA-256 (first 16 hex digits) of the architecture and every weight and buffer.
+
+    Two checkpoints with identical weights share an id wherever they live; any changed weight or
+    codebook entry gives a new id, so a store never mixes codes of two models.
+    """
+    h = hashlib.sha256()
+    h.update(model_name.encode())
+    h.update(json.dumps(model_config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        h.update(_tensor_bytes(tensor))
+    return h.hexdigest()[:16]
+
+
+def codebook_hash(books: dict[str, np.ndarray]) -> str:
+    """SHA-256 (first 16 hex digits) of the codebook array(s)."""
+    h = hashlib.sha256()
+    for name in sorted(books):
+        arr = np.ascontiguousarray(books[name], dtype=np.float32)
+        h.update(f"{name}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:16]

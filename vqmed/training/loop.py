@@ -1,0 +1,578 @@
+"""The pretraining loop: config in; checkpoints, an MLflow run and ``summary.json`` out.
+
+One code path serves one CPU process and ``torchrun --nproc_per_node=N -m vqmed pretrain ...`` on CPUs
+(gloo) or GPUs (NCCL): the model is wrapped in DistributedDataParallel when the process group is up,
+the quantizer keeps its codebook in sync across ranks itself, and only rank 0 logs and writes files.
+A run stops cleanly on SIGINT/SIGTERM (checkpoint, then exit) and ``--resume`` continues the same MLflow
+run at the exact batch where the last checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vqmed.config import ConfigError, PretrainConfig, to_dict
+from vqmed.data import ImageDataset, ImageSpec, read_manifest, resolve_data_root
+from vqmed.networks import build_model
+from vqmed.training.checkpoint import atomic_save, latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vqmed.training.distributed import (
+    ResumableSampler,
+    Runtime,
+    any_rank,
+    barrier,
+    default_threads,
+    init_runtime,
+    shutdown,
+)
+
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+
+
+def _quiet() -> bool:
+    return bool(os.environ.get("CI"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_manifests(cfg: PretrainConfig) -> pd.DataFrame:
+    """All manifests of the config, filtered to its splits and capped at ``max_images`` (labels ignored)."""
+    frames = [read_manifest(Path(path)) for path in cfg.data.manifests]
+    manifest = pd.concat(frames, ignore_index=True)
+    if cfg.data.splits:
+        manifest = manifest[manifest["split"].isin(cfg.data.splits)]
+        if manifest.empty:
+            raise ConfigError(f"data.splits {cfg.data.splits}: no manifest row has one of these splits")
+    if cfg.data.max_images is not None and len(manifest) > cfg.data.max_images:
+        manifest = manifest.sample(n=cfg.data.max_images, random_state=cfg.seed).sort_index()
+    return manifest.reset_index(drop=True)
+
+
+def split_by_patient(manifest: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out ``val_fraction`` of the patients (all their images) for validation, deterministically."""
+    groups = manifest["patient_id"].fillna(manifest["study_id"]).astype(str)
+    patients = np.array(sorted(groups.unique()))
+    rng = np.random.default_rng(seed)
+    n_val = max(1, int(round(val_fraction * len(patients))))
+    val_patients = set(rng.choice(patients, size=n_val, replace=False).tolist())
+    is_val = groups.isin(val_patients).to_numpy()
+    return manifest[~is_val].reset_index(drop=True), manifest[is_val].reset_index(drop=True)
+
+
+def model_arguments(cfg: PretrainConfig) -> dict[str, Any]:
+    """The model's constructor arguments: the config's ``model.params`` plus what the data section fixes."""
+    params = dict(cfg.model.params)
+    fixed = {"spatial_dims": cfg.data.spatial_dims, "in_channels": cfg.data.channels, "out_channels": cfg.data.channels}
+    for key, value in fixed.items():
+        if key in params and params[key] != value:
+            raise ConfigError(f"model.params.{key}={params[key]} contradicts the data section ({value}); remove it")
+        params[key] = value
+    return params
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model behind DDP and ``torch.compile`` wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def lr_at(step: int, total_steps: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak learning rate."""
+    peak, warmup = cfg.train.lr, cfg.train.warmup_steps
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks once per step (checkpoint, then exit)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class History:
+    """Metric series kept in the checkpoint so curves survive interruptions: name -> [(step, value)]."""
+
+    series: dict[str, list[list[float]]] = field(default_factory=dict)
+
+    def add(self, name: str, step: int, value: float) -> None:
+        self.series.setdefault(name, []).append([float(step), float(value)])
+
+    def as_dict(self) -> dict[str, list[list[float]]]:
+        return self.series
+
+
+class Trainer:
+    """Holds the state of one pretraining run; :func:`pretrain` is the public entry point."""
+
+    def __init__(self, cfg: PretrainConfig, resume: bool) -> None:
+        self.cfg = cfg
+        self.rt: Runtime = init_runtime(cfg.train.device)
+        torch.set_num_threads(cfg.train.threads or default_threads(self.rt))
+        seed_everything(cfg.seed + self.rt.rank)
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.found = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir.exists() else None
+        if not resume and (self.found is not None or (self.out / RUN_FILE).exists()):
+            raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        if self.rt.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self._build_data()
+        self._build_model()
+        self.history = History()
+        self.step = 0
+        self.epoch = 0
+        self.run_id: str | None = None
+        self.frames: list[np.ndarray] = []
+        if self.found is not None:
+            self._restore(self.found[0])
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        self.data_root = resolve_data_root(cfg.data.data_root)
+        manifest = load_manifests(cfg)
+        train_rows, val_rows = split_by_patient(manifest, cfg.data.val_fraction, cfg.seed)
+        self.manifest = manifest
+        self.spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels)
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else None
+        progress = self.rt.is_main and not _quiet()
+
+        def dataset(rows: pd.DataFrame, augment: bool) -> ImageDataset:
+            return ImageDataset(rows, self.data_root, self.spec, cache_dir=cache, augment=augment,
+                                fail_fast=cfg.data.fail_fast, progress=progress)
+
+        # Rank 0 decodes and fills the cache; the other ranks then read it instead of decoding too.
+        if not self.rt.is_main:
+            barrier(self.rt)
+        self.train_set = dataset(train_rows, cfg.data.augment)
+        self.val_set = dataset(val_rows, False)
+        if self.rt.is_main:
+            barrier(self.rt)
+            quarantine = self.out / "quarantine.csv"
+            entries = list(self.train_set.quarantine.entries) + list(self.val_set.quarantine.entries)
+            if entries:
+                self.train_set.quarantine.entries.extend(self.val_set.quarantine.entries)
+                self.train_set.quarantine.write(quarantine)
+                print(f"quarantined {len(entries)} unreadable file(s): see {quarantine}")
+        if len(self.train_set) < cfg.train.batch_size * self.rt.world_size:
+            raise ConfigError(
+                f"only {len(self.train_set)} training images for batch_size {cfg.train.batch_size} x "
+                f"{self.rt.world_size} process(es)"
+            )
+        self.sampler = ResumableSampler(self.train_set, self.rt, cfg.train.batch_size, cfg.seed)
+        self.loader = DataLoader(
+            self.train_set,
+            batch_size=cfg.train.batch_size,
+            sampler=self.sampler,
+            num_workers=cfg.train.num_workers,
+            drop_last=True,
+            # Workers are re-created each epoch so they see the dataset's current augmentation epoch.
+            persistent_workers=False,
+            pin_memory=self.rt.device.type == "cuda",
+            # A private generator: creating an iterator must not draw from the global RNG, or a resumed
+            # run would see a shifted random stream (codebook restarts) compared with an uninterrupted one.
+            generator=torch.Generator(),
+        )
+        self.steps_per_epoch = len(self.sampler) // cfg.train.batch_size
+        planned = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = min(planned, cfg.train.max_steps) if cfg.train.max_steps else planned
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        self.model_args = model_arguments(cfg)
+        self.model = build_model(cfg.model.name, **self.model_args).to(self.rt.device)
+        self.channels_last = cfg.train.channels_last and cfg.data.spatial_dims == 2
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_at(step, self.total_steps, cfg) / cfg.train.lr
+        )
+        self.net: nn.Module = self.model
+        if self.rt.distributed:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.rt.local_rank] if self.rt.device.type == "cuda" else None
+            )
+        on_cuda = self.rt.device.type == "cuda"
+        if cfg.train.compile and on_cuda:
+            self.net = torch.compile(self.net)
+        # Mixed precision only on CUDA: this CPU has no native bf16 and autocast there is ~25x slower.
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if on_cuda else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model_state"])
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        self.scheduler.load_state_dict(state["scheduler_state"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.history.series = {k: [list(map(float, v)) for v in vals] for k, vals in state["history"].items()}
+        self.frames = [f.numpy() for f in state.get("frames", [])]
+        self.run_id = state.get("mlflow_run_id")
+        set_rng_state(state["rng"][min(self.rt.rank, len(state["rng"]) - 1)])
+        if self.rt.is_main:
+            print(f"resumed from {self.found[1]} at step {self.step} (epoch {self.epoch})")
+
+    # ------------------------------------------------------------------------------------- tracking
+    def _start_tracking(self) -> None:
+        if not self.rt.is_main:
+            return
+        import mlflow
+
+        from vqmed.tracking import log_dataset_input, log_params, setup_mlflow
+
+        setup_mlflow(self.cfg.tracking.tracking_uri, self.cfg.tracking.experiment)
+        run_file = self.out / RUN_FILE
+        if self.run_id is None and run_file.exists():
+            self.run_id = json.loads(run_file.read_text())["mlflow_run_id"]
+        if self.run_id is not None:
+            mlflow.start_run(run_id=self.run_id)
+            return
+        run = mlflow.start_run(run_name=self.cfg.name)
+        self.run_id = run.info.run_id
+        atomic_write_json(run_file, {"mlflow_run_id": self.run_id})
+        log_params(to_dict(self.cfg))
+        mlflow.log_params({"resolved.total_steps": self.total_steps, "resolved.train_images": len(self.train_set),
+                           "resolved.val_images": len(self.val_set), "resolved.world_size": self.rt.world_size})
+        log_dataset_input(self.manifest, name=self.cfg.name, context="training")
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.rt.is_main:
+            return
+        from vqmed.tracking import log_metrics
+
+        for name, value in metrics.items():
+            self.history.add(name, step, value)
+        log_metrics(metrics, step=step)
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _checkpoint(self) -> None:
+        # Every rank holds the same state; gather RNG states so each rank resumes its own stream.
+        rngs = [rng_state()]
+        if self.rt.distributed:
+            gathered: list[Any] = [None] * self.rt.world_size
+            torch.distributed.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if not self.rt.is_main:
+            return
+        save_checkpoint(self._state(rngs), self.ckpt_dir)
+
+    def _state(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "model_name": self.cfg.model.name,
+            "model_config": self.model_args,
+            "model_state": self.model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "rng": rngs,
+            "history": self.history.as_dict(),
+            "frames": [torch.from_numpy(f) for f in self.frames],
+            "mlflow_run_id": self.run_id,
+            "config": to_dict(self.cfg),
+        }
+
+    # -------------------------------------------------------------------------------------- training
+    def _batches(self, skip: int) -> Iterator[tuple[torch.Tensor, float]]:
+        """Yield (images, seconds waited for them) for the rest of the current epoch."""
+        self.sampler.set_epoch(self.epoch, skip_batches=skip)
+        self.train_set.set_epoch(self.epoch, seed=self.cfg.seed)
+        iterator = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            images = batch["image"].to(self.rt.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, time.perf_counter() - start
+
+    def _train_step(self, images: torch.Tensor) -> dict[str, float]:
+        autocast = (
+            torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        )
+        with autocast:
+            reconstruction, losses, _ = self.net(images)
+            recon_loss = torch.nn.functional.mse_loss(reconstruction.float(), images.float())
+            loss = recon_loss + sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        out = {"train/loss": loss.item(), "train/recon_mse": recon_loss.item()}
+        out.update({f"train/{name}": value.item() for name, value in losses.items()})
+        return out
+
+    def _quantizers(self) -> list[nn.Module]:
+        return list(unwrap(self.net).quantizers)
+
+    def run(self) -> dict[str, Any] | None:
+        cfg = self.cfg
+        self._start_tracking()
+        deadline = time.monotonic() + cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
+        images_seen, train_seconds = 0, 0.0
+        stopped_by: int | None = None
+        with StopRequest() as stop:
+            while self.step < self.total_steps and self.epoch < cfg.train.epochs:
+                skip = self.step - self.epoch * self.steps_per_epoch
+                for quantizer in self._quantizers():
+                    quantizer.reset_stats()
+                self.net.train()
+                waited, stepped, epoch_images = 0.0, 0.0, 0
+                bar = self._progress(skip)
+                tick = time.perf_counter()
+                for images, wait in self._batches(skip):
+                    metrics = self._train_step(images)
+                    self.step += 1
+                    now = time.perf_counter()
+                    waited += wait
+                    stepped += now - tick
+                    tick = now
+                    epoch_images += images.shape[0] * self.rt.world_size
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", img_s=f"{epoch_images / max(stepped, 1e-9):.1f}")
+                    if self.step % cfg.train.log_every == 0:
+                        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+                        metrics["train/images_per_second"] = epoch_images / max(stepped, 1e-9)
+                        self._log(metrics, self.step)
+                    out_of_time = deadline is not None and time.monotonic() > deadline
+                    if any_rank(stop.signal is not None or out_of_time, self.rt):
+                        stopped_by = stop.signal if stop.signal is not None else 0
+                        break
+                    if self.step >= self.total_steps:
+                        break
+                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                        self._checkpoint()
+                if bar is not None:
+                    bar.close()
+                images_seen += epoch_images
+                train_seconds += stepped
+                epoch_done = self.step - self.epoch * self.steps_per_epoch >= self.steps_per_epoch
+                if epoch_done or self.step >= self.total_steps or stopped_by == 0:
+                    self._end_epoch(waited, stepped, epoch_images)
+                    if epoch_done:
+                        self.epoch += 1
+                self._checkpoint()
+                if stopped_by is not None:
+                    break
+        if stopped_by:  # a signal: the checkpoint is written, leave the MLflow run open for --resume
+            if self.rt.is_main:
+                print(f"stopped by signal {stopped_by} at step {self.step}; continue with --resume")
+            shutdown(self.rt)
+            raise SystemExit(128 + stopped_by)
+        summary = self._finish(images_seen / train_seconds if train_seconds else float("nan"))
+        shutdown(self.rt)
+        return summary
+
+    def _progress(self, skip: int):
+        if not self.rt.is_main or _quiet():
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
+                    unit="step", leave=False)
+
+    # ------------------------------------------------------------------------------------ validation
+    def _end_epoch(self, waited: float, stepped: float, epoch_images: int) -> None:
+        stats = self.last_stats = self._codebook_stats()
+        val = self.validate()  # every rank validates its shard; MONAI's metrics gather the results
+        if not self.rt.is_main:
+            return
+        metrics = {**val["metrics"], **{k: v for k, v in stats.items() if not isinstance(v, np.ndarray)}}
+        if stepped > 0:
+            metrics["epoch/data_wait_fraction"] = waited / stepped
+            metrics["epoch/train_images_per_second"] = epoch_images / stepped
+        metrics["epoch/epoch"] = self.epoch + 1
+        self._log(metrics, self.step)
+        self.last_val = val
+        if (self.epoch % self.cfg.tracking.gif_every) == 0 or self.step >= self.total_steps:
+            self.frames.append(val["reconstructions"][0])
+        from vqmed.tracking import log_figure, reconstruction_grid
+
+        log_figure(reconstruction_grid(val["originals"], val["reconstructions"], n=self.cfg.train.val_images),
+                   f"reconstructions/epoch_{self.epoch + 1:03d}.png")
+
+    def _codebook_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for level, quantizer in enumerate(self._quantizers()):
+            stats = quantizer.stats()
+            suffix = "" if level == 0 else f"_level{level}"
+            out[f"codebook/usage{suffix}"] = float(stats["usage_fraction"])
+            out[f"codebook/perplexity{suffix}"] = float(stats["perplexity"])
+            out[f"usage_counts{suffix}"] = np.asarray(stats["usage_counts"], dtype=np.float64)
+        return out
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Mean MSE, PSNR and SSIM over the validation images (MONAI's metrics), plus images to show."""
+        from monai.metrics import PSNRMetric, SSIMMetric
+
+        model = unwrap(self.net)
+        model.eval()
+        psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=self.cfg.data.spatial_dims, data_range=1.0)
+        originals, reconstructions = [], []
+        totals = torch.zeros(2, dtype=torch.float64, device=self.rt.device)  # squared error, element count
+        shard = torch.utils.data.Subset(self.val_set, range(self.rt.rank, len(self.val_set), self.rt.world_size))
+        loader = DataLoader(shard, batch_size=self.cfg.train.batch_size, shuffle=False, generator=torch.Generator())
+        for batch in loader:
+            images = batch["image"].to(self.rt.device)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            recon = model(images)[0].float().clamp(0, 1)
+            totals[0] += torch.sum((recon - images) ** 2).double()
+            totals[1] += images.numel()
+            psnr(recon, images)
+            ssim(recon, images)
+            if sum(len(o) for o in originals) < self.cfg.train.val_images:
+                originals.append(images.cpu().numpy())
+                reconstructions.append(recon.cpu().numpy())
+        if self.rt.distributed:
+            torch.distributed.all_reduce(totals)
+        model.train()
+        n = self.cfg.train.val_images
+        return {
+            "metrics": {
+                "val_mse": (totals[0] / totals[1].clamp(min=1)).item(),
+                "val_psnr": float(psnr.aggregate().item()),
+                "val_ssim": float(ssim.aggregate().item()),
+            },
+            "originals": np.concatenate(originals)[:n],
+            "reconstructions": np.concatenate(reconstructions)[:n],
+        }
+
+    # -------------------------------------------------------------------------------------- the end
+    def _finish(self, images_per_second: float) -> dict[str, Any] | None:
+        # Every rank reports a hash of its weights and codebooks: DDP must leave them identical.
+        hashes = [state_hash(self.model)]
+        if self.rt.distributed:
+            gathered: list[Any] = [None] * self.rt.world_size
+            torch.distributed.all_gather_object(gathered, hashes[0])
+            hashes = gathered
+        if not hasattr(self, "last_stats"):
+            # Resumed after the last epoch had already ended: validate once more for the summary.
+            self.last_stats = self._codebook_stats()  # every rank: statistics and metrics are all-reduced
+            self.last_val = self.validate()
+        if not self.rt.is_main:
+            return None
+        import mlflow
+
+        from vqmed.tracking import log_figure, loss_curves, reconstruction_gif, usage_histogram
+
+        final = self.out / "final.pt"
+        atomic_save(
+            {"format": "vqmed-checkpoint-v1", **{k: v for k, v in self._state([rng_state()]).items()
+                                                 if k not in ("optimizer_state", "scheduler_state", "frames")}},
+            final,
+        )
+        mlflow.log_artifact(str(final), artifact_path="checkpoints")
+        figures = self.out / "figures"
+        figures.mkdir(exist_ok=True)
+        if self.frames:
+            gif = reconstruction_gif(self.frames, figures / "reconstruction_progress.gif",
+                                     labels=[f"epoch {i + 1}" for i in range(len(self.frames))])
+            mlflow.log_artifact(str(gif), artifact_path="figures")
+        log_figure(loss_curves({k: [tuple(p) for p in v] for k, v in self.history.as_dict().items()}),
+                   "figures/loss_curves.png")
+        log_figure(usage_histogram(self.last_stats["usage_counts"]), "figures/codebook_usage.png")
+        if self.cfg.tracking.log_model:
+            self._log_mlflow_model()
+        val = self.last_val["metrics"]
+        summary = {
+            "val_psnr": val["val_psnr"],
+            "val_mse": val["val_mse"],
+            "val_ssim": val["val_ssim"],
+            "codebook_usage": self.last_stats["codebook/usage"],
+            "perplexity": self.last_stats["codebook/perplexity"],
+            "epochs": self.epoch,
+            "steps": self.step,
+            "train_images_per_second": images_per_second,
+            "world_size": self.rt.world_size,
+            "rank_state_hashes": hashes,
+            "mlflow_run_id": self.run_id,
+            "checkpoint": str(final.resolve()),
+        }
+        mlflow.log_metrics({"final/val_psnr": summary["val_psnr"], "final/codebook_usage": summary["codebook_usage"]},
+                           step=self.step)
+        atomic_write_json(self.out / SUMMARY_FILE, summary)
+        mlflow.log_artifact(str(self.out / SUMMARY_FILE))
+        mlflow.end_run()
+        return summary
+
+    def _log_mlflow_model(self) -> None:
+        import mlflow
+
+        model = unwrap(self.net).to("cpu").to(memory_format=torch.contiguous_format).eval()
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            # pickle, not pt2: torch.export cannot trace the quantizer's data-dependent codebook updates.
+            serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai", "vqmed"],
+            metadata={"model_name": self.cfg.model.name, "model_config": json.dumps(self.model_args)},
+        )
+
+
+def state_hash(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (codebook included), in name order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any] | None:
+    """Pretrain the configured model; returns the summary on rank 0 (``None`` on other ranks)."""
+    return Trainer(cfg, resume).run()
