@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
                     "--batch-size", str(cfg.export_batch_size), *root])
 
     bench_dir = out / "benchmark"
-    overrides = [f"export_dir={export_dir}", *cfg.benchmark_overrides]
+    overrides = [f"export={export_dir}", *cfg.benchmark_overrides]
     step("benchmark", ["benchmark", "--config", cfg.benchmark_config, "--out", str(bench_dir),
                        *[a for o in overrides for a in ("--set", o)]])
 

@@ -333,6 +333,75 @@ def test_benchmark_end_to_end_writes_outputs_and_mlflow_runs(kermany: dict, vq: 
     assert first == second
 
 
+def test_vqmed_benchmark_cli_on_an_export_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``vqmed benchmark`` on a real export store: arrays, codebook, pixels through ImageDataset, and a
+    randomly initialised encoder of the same architecture, all wired from the store's metadata."""
+    import torch
+
+    from vqmed.cli import main
+    from vqmed.data import read_manifest
+    from vqmed.export import export_manifest
+    from vqmed.networks import build_model
+    from vqmed.training.checkpoint import save_checkpoint
+
+    monkeypatch.setenv("VQMED_ID_SALT", "vqmed-test-salt")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("CI", "1")  # no progress bars
+    manifest = read_manifest(REPO / "data_manifests" / "chest_xray.csv")
+    parts = [g.sort_values("path").head(60 if split == "train" else 40) for (split, _), g in manifest.groupby(["split", "label"])]
+    small = tmp_path / "kermany_small.csv"
+    pd.concat(parts).to_csv(small, index=False)
+    # a small untrained model: the wiring is under test here, not the pretraining
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(
+            "vqvae", spatial_dims=2, in_channels=1, out_channels=1, channels=(16, 32), num_res_layers=(1, 1),
+            num_res_channels=(16, 16), downsample=4, num_embeddings=64, embedding_dim=16,
+        )
+    run_id = "fedcba9876543210fedcba9876543210"
+    state = {
+        "model_name": "vqvae",
+        "model_config": model.config,
+        "model_state": model.state_dict(),
+        "step": 0,
+        "mlflow_run_id": run_id,
+        "config": {"data": {"image_size": SIZE, "spatial_dims": 2, "channels": 1}},
+    }
+    ckpt = save_checkpoint(state, tmp_path / "ckpt")
+    export_manifest(ckpt, small, tmp_path / "store", DATA_ROOT, batch_size=64, progress=False)
+
+    out = tmp_path / "bench"
+    overrides = {
+        "export": str(tmp_path / "store"),
+        "data_root": str(DATA_ROOT),
+        "cache_dir": "null",
+        "budgets.fractions": "[0.2]",
+        "budgets.per_class": "[10]",
+        "budgets.draws": 2,
+        "probes.variants": "[code_histogram, codes_grid_mean_2x2, continuous_mean]",
+        "probes.classifiers": "[logreg, code_cnn]",
+        "cnn.max_steps": 20,
+        "metrics.bootstrap": 100,
+        "name": "cli-benchmark",
+    }
+    args = ["benchmark", "--config", str(REPO / "configs" / "benchmark" / "pneumonia.yaml"), "--out", str(out)]
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["pretrain_run_id"] == run_id and summary["n_train"] == 120 and summary["n_test"] == 80
+    methods = {r["method"] for r in summary["results"]}
+    assert methods == {"vqvae", "random_encoder", "raw_pixels_logreg", "pca_logreg", "cnn_scratch"}
+    assert {r["budget"] for r in summary["results"]} == {"10/class", "20%"}
+    for name in ("benchmark.csv", "summary.md", "label_efficiency.png", "label_efficiency_per_class.png"):
+        assert (out / name).is_file(), name
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:
+        tagged = con.execute("select run_uuid from tags where key = 'vqmed.pretrain_run_id' and value = ?", (run_id,)).fetchall()
+    assert [r[0] for r in tagged] == [summary["mlflow_parent_run_id"]]
+
+
 # --------------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ CI_METHOD = (
     "resample for every draw and method) and averages the draws' AUCs. It covers both the variation "
     "between label draws and the finite test set. auc_draw_ci_low/high: mean over draws of each "
     "draw's own test-bootstrap CI (test-set uncertainty of a single draw). auc_std: standard deviation "
-    "across draws (ddof=1)."
+    "across draws (ddof=1; null for a single draw)."
 )
 
 SKLEARN_PROBES = ("logreg", "linsvm", "knn", "mlp")
@@ -120,14 +120,23 @@ def load_images(index: pd.DataFrame, data_root: str | None, image_size: int, cac
     """Every index row's image as ``(N, H, W)`` float32 in [0, 1] (grey), read once per run.
 
     Uses :class:`vqmed.data.ImageDataset`, i.e. exactly the pretraining/export preprocessing.
+
+    Raises:
+        ValueError: when some rows cannot be read (the export read them, so the data changed).
     """
     from vqmed.data import ImageDataset, ImageSpec, resolve_data_root
 
-    ds = ImageDataset(index, resolve_data_root(data_root), ImageSpec(image_size=image_size, spatial_dims=2, channels=1), cache_dir=cache_dir)
-    out = np.empty((len(ds), image_size, image_size), dtype=np.float32)
+    spec = ImageSpec(image_size=image_size, spatial_dims=2, channels=1)
+    ds = ImageDataset(index, resolve_data_root(data_root), spec, cache_dir=Path(cache_dir) if cache_dir else None)
+    rows = np.asarray(ds.rows)
+    if len(rows) != len(index):
+        missing = sorted(set(range(len(index))) - set(rows.tolist()))
+        paths = index["path"].iloc[missing[:5]].tolist()
+        raise ValueError(f"{len(missing)} exported images could not be read for the pixel baselines, e.g. {paths}")
+    out = np.empty((len(index), image_size, image_size), dtype=np.float32)
     for i in range(len(ds)):
         item = ds[i]
-        out[int(item["row"]) if "row" in item else i] = np.asarray(item["image"], dtype=np.float32)[0]
+        out[int(item["row"])] = np.asarray(item["image"], dtype=np.float32)[0]
     return out
 
 
@@ -249,9 +258,10 @@ def run_benchmark_on_features(
         summary["mlflow_parent_run_id"] = tracker.run_id
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
         (out_dir / "summary.md").write_text(_markdown(summary_rows, summary))
-        fig = _plot(summary_rows)
-        fig.savefig(out_dir / "label_efficiency.png", dpi=120, bbox_inches="tight", facecolor="white")
-        tracker.finish(out_dir, summary_rows, fig)
+        figures = _plots(summary_rows)
+        for name, fig in figures.items():
+            fig.savefig(out_dir / name, dpi=120, bbox_inches="tight", facecolor="white")
+        tracker.finish(out_dir, summary_rows, figures)
     return summary
 
 
@@ -461,7 +471,7 @@ def _summarise(records: list[dict[str, Any]], boot: StratifiedBootstrap, seed: i
             "auc_mean": float(aucs.mean()),
             "auc_ci_low": float(lo),
             "auc_ci_high": float(hi),
-            "auc_std": float(aucs.std(ddof=1)) if len(rs) > 1 else 0.0,
+            "auc_std": float(aucs.std(ddof=1)) if len(rs) > 1 else None,  # undefined for one draw
             "auc_draw_ci_low": float(np.mean([r["metrics"]["auc"][1] for r in rs])),
             "auc_draw_ci_high": float(np.mean([r["metrics"]["auc"][2] for r in rs])),
             "auc_per_draw": aucs.tolist(),
@@ -470,7 +480,7 @@ def _summarise(records: list[dict[str, Any]], boot: StratifiedBootstrap, seed: i
         for metric in METRICS[1:]:
             vals = np.array([r["metrics"][metric][0] for r in rs])
             row[f"{metric}_mean"] = float(vals.mean())
-            row[f"{metric}_std"] = float(vals.std(ddof=1)) if len(rs) > 1 else 0.0
+            row[f"{metric}_std"] = float(vals.std(ddof=1)) if len(rs) > 1 else None
         if not row["candidate"]:
             row["selected"] = dict(Counter(r["selected"] for r in rs).most_common())
         out.append(row)
@@ -484,10 +494,11 @@ def _summarise(records: list[dict[str, Any]], boot: StratifiedBootstrap, seed: i
 
 
 def _budget_columns(rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
-    seen: dict[str, float] = {}
+    """Budgets as table columns: the balanced k-per-class ones first, then the fractions, each ascending."""
+    seen: dict[str, tuple[int, float]] = {}
     for r in rows:
-        seen.setdefault(r["budget"], r["n_labels"])
-    return sorted(seen.items(), key=lambda kv: kv[1])
+        seen.setdefault(r["budget"], (0 if r["budget_kind"] == "per_class" else 1, r["n_labels"]))
+    return [(b, n) for b, (_, n) in sorted(seen.items(), key=lambda kv: kv[1])]
 
 
 def _markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -517,7 +528,7 @@ def _markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         vals = []
         for b, _ in budgets:
             r = cells.get(b)
-            vals.append("" if r is None else f"{r['auc_mean']:.3f} [{r['auc_ci_low']:.3f}, {r['auc_ci_high']:.3f}] ±{r['auc_std']:.3f}")
+            vals.append("" if r is None else f"{r['auc_mean']:.3f} [{r['auc_ci_low']:.3f}, {r['auc_ci_high']:.3f}]{_pm(r['auc_std'])}")
         lines.append(f"| {method} | " + " | ".join(vals) + " |")
     lines += [
         "",
@@ -530,9 +541,9 @@ def _markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         sel = r.get("selected") or {}
         top = next(iter(sel.items()), ("", 0))
         lines.append(
-            f"| {r['method']} | {r['budget']} | {r['n_labels']:g} | {r['n_draws']} | {r['auc_mean']:.3f} ± {r['auc_std']:.3f} | "
+            f"| {r['method']} | {r['budget']} | {r['n_labels']:g} | {r['n_draws']} | {r['auc_mean']:.3f}{_pm(r['auc_std'])} | "
             f"[{r['auc_ci_low']:.3f}, {r['auc_ci_high']:.3f}] | {r['cv_auc_mean']:.3f} | "
-            f"{r['balanced_accuracy_mean']:.3f} ± {r['balanced_accuracy_std']:.3f} | {r['sensitivity_mean']:.3f} | "
+            f"{r['balanced_accuracy_mean']:.3f}{_pm(r['balanced_accuracy_std'])} | {r['sensitivity_mean']:.3f} | "
             f"{r['specificity_mean']:.3f} | {r['accuracy_mean']:.3f} | {top[0]} ({top[1]}/{r['n_draws']}) |"
         )
     if cands:
@@ -553,17 +564,31 @@ def _markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict[str, Any]]) -> Any:
+def _pm(std: float | None) -> str:
+    return "" if std is None else f" ±{std:.3f}"
+
+
+def _plots(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``label_efficiency.png`` over the fraction budgets (the split's own class balance) and, when
+    both kinds are run, ``label_efficiency_per_class.png`` over the balanced k-per-class budgets:
+    the two protocols differ in class balance, so one line through both would zigzag."""
     from vqmed.tracking import label_efficiency_plot
 
-    df = pd.DataFrame(
-        [
-            {"method": r["method"], "n_labels": r["n_labels"], "auc_mean": r["auc_mean"], "auc_low": r["auc_ci_low"], "auc_high": r["auc_ci_high"]}
-            for r in rows
-            if not r["candidate"]
-        ]
-    )
-    return label_efficiency_plot(df, title="Pneumonia, test ROC AUC vs labels")
+    primary = [r for r in rows if not r["candidate"]]
+    kinds = [k for k in ("fraction", "per_class") if any(r["budget_kind"] == k for r in primary)]
+    figures = {}
+    for i, kind in enumerate(kinds):
+        df = pd.DataFrame(
+            [
+                {"method": r["method"], "n_labels": r["n_labels"], "auc_mean": r["auc_mean"], "auc_low": r["auc_ci_low"], "auc_high": r["auc_ci_high"]}
+                for r in primary
+                if r["budget_kind"] == kind
+            ]
+        )
+        what = "share of the training split" if kind == "fraction" else "k labels per class (balanced)"
+        name = "label_efficiency.png" if i == 0 else "label_efficiency_per_class.png"
+        figures[name] = label_efficiency_plot(df, title=f"Test ROC AUC vs labels, {what}")
+    return figures
 
 
 def _json_default(obj: Any) -> Any:
@@ -634,7 +659,7 @@ class _Tracker:
                 if row.get("selected"):
                     mlflow.log_dict(row["selected"], "selected_candidates.json")
 
-    def finish(self, out_dir: Path, rows: list[dict[str, Any]], fig: Any) -> None:
+    def finish(self, out_dir: Path, rows: list[dict[str, Any]], figures: dict[str, Any]) -> None:
         import mlflow
 
         from vqmed.tracking import log_figure, log_metrics
@@ -644,7 +669,8 @@ class _Tracker:
             log_metrics({_metric_key(f"auc_mean/{row['method']}"): row["auc_mean"]}, step=step)
         for name in ("benchmark.csv", "summary.json", "summary.md"):
             mlflow.log_artifact(str(out_dir / name))
-        log_figure(fig, "label_efficiency.png")
+        for name, fig in figures.items():
+            log_figure(fig, name)
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.utils import get_act_layer
 from monai.networks.utils import pixelshuffle, pixelunshuffle
 
-__all__ = ["ResBlock", "Downsample", "Upsample", "Encoder", "Decoder", "STEMS", "UPSAMPLES"]
+__all__ = ["ResBlock", "Downsample", "Upsample", "Encoder", "Decoder", "STEMS", "UPSAMPLES", "he_init_"]
 
 STEMS = ("conv", "patchify")
 UPSAMPLES = ("pixelshuffle", "transpose")
@@ -41,6 +41,22 @@ def _icnr_(weight: torch.Tensor, factor: int, spatial_dims: int) -> None:
     with torch.no_grad():
         # channel c * sub + s of the conv output becomes sub-pixel s of output channel c after the shuffle
         weight.copy_(base.repeat_interleave(sub, dim=0))
+
+
+def he_init_(module: nn.Module) -> nn.Module:
+    """He (Kaiming-normal, ReLU gain) init of every convolution in ``module``, zero biases.
+
+    Used for the encoders: PyTorch's default conv init shrinks the activation variance about six-fold per
+    layer, so at initialisation the latents are nearly the same vector everywhere; the quantizer then maps
+    almost everything to a few codes and the codebook collapses in the first steps. He init keeps an
+    O(1) input-dependent signal in the latents.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
 
 
 class ResBlock(nn.Module):
@@ -200,6 +216,7 @@ class Encoder(nn.Module):
     VQ-VAE encoder: a stem that reduces the resolution by ``stem_stride``, then one level per entry of
     ``channels`` (each level after the first halves the resolution) with residual units, then a 1x1
     projection to ``out_channels``. Total downsampling is ``stem_stride * 2 ** (len(channels) - 1)``.
+    Convolutions are He-initialised (see :func:`he_init_`).
 
     Args:
         spatial_dims: number of spatial dimensions (2 or 3).
@@ -242,6 +259,7 @@ class Encoder(nn.Module):
         if out_channels is not None:
             layers.append(Convolution(spatial_dims, channels[-1], out_channels, kernel_size=1, conv_only=True))
         self.blocks = nn.Sequential(*layers)
+        he_init_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)

@@ -97,7 +97,7 @@ class VectorQuantizer(nn.Module):
         kmeans_iters: int = 10,
         kmeans_max_samples: int = 65536,
         dead_code_threshold: float = 1.0,
-        restart_after_steps: int | None = 20,
+        restart_after_steps: int | None = 10,
         use_cosine: bool = False,
         lookup_dim: int | None = None,
         sync_distributed: bool = True,

@@ -58,6 +58,7 @@ class VQVAE(nn.Module):
         dropout: dropout ratio inside the residual units.
         output_act: activation of the reconstruction (e.g. ``"SIGMOID"`` for [0, 1] images), ``None`` = linear.
         decay: EMA decay of the codebook; ``None`` or 0 = learned codebook with codebook loss.
+        ema_warmup: ramp the EMA decay up from 0.1 over the first updates (see ``VectorQuantizer``).
         commitment_cost: weight of the commitment loss.
         epsilon: Laplace smoothing of the EMA cluster sizes.
         kmeans_init: k-means initialise the codebook from the first training batch.
@@ -89,12 +90,13 @@ class VQVAE(nn.Module):
         dropout: float = 0.0,
         output_act: tuple | str | None = None,
         decay: float | None = 0.99,
+        ema_warmup: bool = True,
         commitment_cost: float = 0.25,
         epsilon: float = 1e-5,
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         dead_code_threshold: float = 1.0,
-        restart_after_steps: int | None = 20,
+        restart_after_steps: int | None = 10,
         use_cosine: bool = False,
         lookup_dim: int | None = None,
         sync_distributed: bool = True,
@@ -120,7 +122,7 @@ class VQVAE(nn.Module):
             stem=stem, act=act, norm=norm, dropout=dropout,
         )
         self.quantizer = VectorQuantizer(
-            num_embeddings, embedding_dim, decay=decay, commitment_cost=commitment_cost, epsilon=epsilon,
+            num_embeddings, embedding_dim, decay=decay, ema_warmup=ema_warmup, commitment_cost=commitment_cost, epsilon=epsilon,
             kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, dead_code_threshold=dead_code_threshold,
             restart_after_steps=restart_after_steps, use_cosine=use_cosine, lookup_dim=lookup_dim,
             sync_distributed=sync_distributed,

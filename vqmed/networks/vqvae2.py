@@ -9,7 +9,7 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution
 
 from vqmed.networks import _checks as C
-from vqmed.networks.blocks import STEMS, UPSAMPLES, Decoder, Encoder, Upsample
+from vqmed.networks.blocks import STEMS, UPSAMPLES, Decoder, Encoder, Upsample, he_init_
 from vqmed.networks.quantizer import VectorQuantizer
 from vqmed.networks.vqvae import encoder_levels
 
@@ -47,6 +47,7 @@ class VQVAE2(nn.Module):
         dropout: dropout ratio inside the residual units.
         output_act: activation of the reconstruction, ``None`` = linear.
         decay: EMA decay of both codebooks; ``None`` or 0 = learned codebooks.
+        ema_warmup: ramp the EMA decay up from 0.1 over the first updates (see ``VectorQuantizer``).
         commitment_cost: weight of the commitment losses.
         epsilon: Laplace smoothing of the EMA cluster sizes.
         kmeans_init: k-means initialise the codebooks from the first training batch.
@@ -81,12 +82,13 @@ class VQVAE2(nn.Module):
         dropout: float = 0.0,
         output_act: tuple | str | None = None,
         decay: float | None = 0.99,
+        ema_warmup: bool = True,
         commitment_cost: float = 0.25,
         epsilon: float = 1e-5,
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         dead_code_threshold: float = 1.0,
-        restart_after_steps: int | None = 20,
+        restart_after_steps: int | None = 10,
         use_cosine: bool = False,
         lookup_dim: int | None = None,
         sync_distributed: bool = True,
@@ -122,14 +124,14 @@ class VQVAE2(nn.Module):
         self.decoder_top = Decoder(
             spatial_dims, d, chans[-1], [top_ch], [top_num_res_layers], [top_ch], top_downsample, upsample=upsample, **blocks
         )
-        self.pre_quant_bottom = Convolution(spatial_dims, 2 * chans[-1], d, kernel_size=1, conv_only=True)
+        self.pre_quant_bottom = he_init_(Convolution(spatial_dims, 2 * chans[-1], d, kernel_size=1, conv_only=True))
         self.upsample_top = Upsample(spatial_dims, d, d, top_downsample, mode=upsample, act=None)
         self.decoder = Decoder(
             spatial_dims, 2 * d, out_channels, chans, layers, res_chans, stem_stride, upsample=upsample,
             output_act=output_act, **blocks,
         )
         qargs = dict(
-            decay=decay, commitment_cost=commitment_cost, epsilon=epsilon, kmeans_init=kmeans_init,
+            decay=decay, ema_warmup=ema_warmup, commitment_cost=commitment_cost, epsilon=epsilon, kmeans_init=kmeans_init,
             kmeans_iters=kmeans_iters, dead_code_threshold=dead_code_threshold,
             restart_after_steps=restart_after_steps, use_cosine=use_cosine, lookup_dim=lookup_dim,
             sync_distributed=sync_distributed,

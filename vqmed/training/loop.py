@@ -217,7 +217,10 @@ class Trainer:
     def _build_model(self) -> None:
         cfg = self.cfg
         self.model_args = model_arguments(cfg)
-        self.model = build_model(cfg.model.name, **self.model_args).to(self.rt.device)
+        try:
+            self.model = build_model(cfg.model.name, **self.model_args).to(self.rt.device)
+        except ValueError as exc:  # unknown or invalid constructor argument: the user's config is wrong
+            raise ConfigError(f"model.params: {exc}") from None
         self.channels_last = cfg.train.channels_last and cfg.data.spatial_dims == 2
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
