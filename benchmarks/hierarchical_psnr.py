@@ -50,7 +50,9 @@ def psnr(model: torch.nn.Module, images: torch.Tensor, batch: int = 64) -> float
     return float(torch.cat(values).mean())
 
 
-def train(name: str, params: dict, train_x: torch.Tensor, val_x: torch.Tensor, seconds: float, batch: int, lr: float) -> dict:
+def train(
+    name: str, params: dict, train_x: torch.Tensor, val_x: torch.Tensor, seconds: float, batch: int, lr: float
+) -> dict:
     torch.manual_seed(0)
     model = build_model(name, **params)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -106,7 +108,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-embeddings", type=int, default=512)
-    parser.add_argument("--data-root", type=Path, default=Path(os.environ.get("VQMED_DATA_ROOT", REPO.parent / "shared" / "data")))
+    parser.add_argument(
+        "--data-root", type=Path, default=Path(os.environ.get("VQMED_DATA_ROOT", REPO.parent / "shared" / "data"))
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "hierarchical_psnr.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -119,14 +123,20 @@ def main() -> None:
         train("vqvae2", dict(common, top_downsample=2), train_x, val_x, args.minutes * 60, args.batch_size, args.lr),
     ]
     base = runs[0]["val_psnr"]
-    print(f"\nKermany {args.image_size}x{args.image_size}, {args.train_images} train / {args.val_images} val images, "
-          f"{args.minutes:g} min each, batch {args.batch_size}, {args.threads} threads")
+    print(
+        f"\nKermany {args.image_size}x{args.image_size}, {args.train_images} train / {args.val_images} val images, "
+        f"{args.minutes:g} min each, batch {args.batch_size}, {args.threads} threads"
+    )
     print(f"{'model':8s} {'codes':>16s} {'steps':>6s} {'img/s':>7s} {'val PSNR':>9s} {'vs vqvae':>9s} {'usage':>12s}")
     for r in runs:
-        shape = " + ".join("x".join(map(str, s)) for s in (r["latent_shape"] if r["levels"] == 2 else [r["latent_shape"]]))
+        shape = " + ".join(
+            "x".join(map(str, s)) for s in (r["latent_shape"] if r["levels"] == 2 else [r["latent_shape"]])
+        )
         usage = "/".join(f"{u:.2f}" for u in r["usage_fraction"])
-        print(f"{r['model']:8s} {shape:>16s} {r['steps']:6d} {r['images_per_s']:7.1f} {r['val_psnr']:9.2f} "
-              f"{r['val_psnr'] - base:+9.2f} {usage:>12s}")
+        print(
+            f"{r['model']:8s} {shape:>16s} {r['steps']:6d} {r['images_per_s']:7.1f} {r['val_psnr']:9.2f} "
+            f"{r['val_psnr'] - base:+9.2f} {usage:>12s}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "hierarchical_psnr",

@@ -22,8 +22,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vqmed.networks import build_model
 
-SMALL = dict(channels=(16, 32), num_res_layers=1, num_res_channels=(16, 16), num_embeddings=64, embedding_dim=16,
-             restart_after_steps=3)
+SMALL = dict(
+    channels=(16, 32),
+    num_res_layers=1,
+    num_res_channels=(16, 16),
+    num_embeddings=64,
+    embedding_dim=16,
+    restart_after_steps=3,
+)
 MODELS = {
     "ema": ("vqvae", SMALL),
     "learned_cosine_lowdim": ("vqvae", dict(SMALL, decay=None, use_cosine=True, lookup_dim=4)),

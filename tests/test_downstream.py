@@ -21,10 +21,27 @@ from sklearn.base import clone
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from vqmed.config import BenchmarkConfig, ConfigError, apply_overrides, from_dict, load_config
-from vqmed.downstream import Budget, CodeMapCNN, FeatureSource, ImageCNN, draw_labeled_subset, run_benchmark_on_features
+from vqmed.config import (
+    BenchmarkConfig,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+)
+from vqmed.downstream import (
+    Budget,
+    CodeMapCNN,
+    FeatureSource,
+    ImageCNN,
+    draw_labeled_subset,
+    run_benchmark_on_features,
+)
 from vqmed.downstream.features import feature_variant, grid_code_histograms
-from vqmed.downstream.metrics import StratifiedBootstrap, binary_metrics, choose_threshold
+from vqmed.downstream.metrics import (
+    StratifiedBootstrap,
+    binary_metrics,
+    choose_threshold,
+)
 from vqmed.downstream.probes import fit_probe, make_folds, make_probe, scores_of
 from vqmed.downstream.sampling import make_budgets, patient_strata
 
@@ -127,7 +144,7 @@ def _tiny_cfg(**overrides: object) -> BenchmarkConfig:
 # --------------------------------------------------------------------------------------------------
 def test_draws_keep_patients_together_are_stratified_and_deterministic(kermany: dict) -> None:
     y, g = kermany["y"][kermany["train"]], kermany["groups"][kermany["train"]]
-    patients, patient_label, image_patient = patient_strata(y, g)
+    _, _, image_patient = patient_strata(y, g)
     sizes = np.bincount(image_patient)
     assert sizes.max() > 1, "Kermany has patients with several images: the grouping must matter"
     n_per_class = {c: int((y == c).sum()) for c in (0, 1)}

@@ -355,7 +355,7 @@ class BudgetConfig:
         _check(self.full_draws >= 1, "budgets.full_draws", f"must be >= 1, got {self.full_draws}")
 
 
-PROBE_VARIANTS = {"quantized_mean", "code_histogram", "continuous_mean"}
+PROBE_VARIANTS = {"quantized_mean", "code_histogram", "continuous_mean", "continuous_grid"}
 PROBE_CLASSIFIERS = {"logreg", "linsvm", "knn", "mlp", "code_cnn"}
 
 
@@ -364,7 +364,7 @@ class ProbeConfig:
     """Classifiers on frozen features and their model selection inside the labeled subset.
 
     Args:
-        variants: feature variants: ``quantized_mean``, ``code_histogram``, ``continuous_mean``,
+        variants: feature variants: ``quantized_mean``, ``code_histogram``, ``continuous_mean``, ``continuous_grid``,
             ``codes_grid_hist_GxG`` (a G x G grid of code histograms) and ``codes_grid_mean_GxG``
             (codebook vectors mean-pooled per cell). Variants whose arrays the export lacks are skipped.
         classifiers: ``logreg``, ``linsvm``, ``knn``, ``mlp`` (on every variant) and ``code_cnn``

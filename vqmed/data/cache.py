@@ -2,8 +2,9 @@
 
 Layout: ``CACHE_DIR/<spec.key()>/chunk-*.npy`` (uint8 ``[N, C, S, S(, S)]``) with a sibling
 ``chunk-*.keys.json`` listing the content key of every slot (``null`` for a slot whose decode failed).
-A content key is ``blake2b(file bytes)`` plus ``#frame`` for multi-frame files, so an edited file is
-decoded again while a renamed or copied one is not; the spec key covers the transform version.
+A content key is ``blake2b(file bytes)`` plus ``@format`` for files not read by PIL (DICOM, NIfTI, IDX:
+their reader is chosen by the name) and ``#frame`` for multi-frame files, so an edited file is decoded
+again while a renamed or copied one is not; the spec key covers the transform version.
 
 8 bits are plenty for [0, 1] network inputs and make an epoch a memory-mapped read. Chunks are
 immutable: each is written to a temporary name and atomically renamed (``.npy`` first, its key list

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from vqmed.data.cache import CacheStore, file_digest, from_uint8, to_uint8
 from vqmed.data.errors import UnreadableImageError
 from vqmed.data.progress import progress_bar
-from vqmed.data.readers import DEFAULT_MAX_PIXELS, check_file, safe_path
+from vqmed.data.readers import DEFAULT_MAX_PIXELS, check_file, detect_format, safe_path
 from vqmed.data.transforms import ImageSpec, augment_transform, deterministic_transform, run_transform
 
 
@@ -106,9 +106,14 @@ class ImageDataset(Dataset):
                 if path not in digests:
                     check_file(path)
                     try:
-                        digests[path] = file_digest(path)
+                        digest = file_digest(path)
                     except OSError as exc:
                         raise UnreadableImageError(rel, f"cannot read file: {exc.strerror or exc}") from exc
+                    # The name picks the reader (PIL alone goes by content): the same bytes as a.png and
+                    # a.dcm decode differently, so without the format in the key a wrongly named copy
+                    # would share (or spoil) the image of the good file.
+                    fmt = detect_format(path)
+                    digests[path] = digest if fmt == "image" else f"{digest}@{fmt}"
             except UnreadableImageError as exc:
                 self._reject(rel, exc.reason)
                 row_keys.append(None)

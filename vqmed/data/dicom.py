@@ -21,6 +21,10 @@ from vqmed.data.errors import UnreadableImageError
 from vqmed.data.privacy import salted_id
 
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Most pixels one 2D image or frame may declare (2**25, e.g. 5,792^2), for DICOM and, through
+# vqmed.data.readers, for PNG/JPEG too: a small file claiming a huge frame would otherwise cost seconds
+# and gigabytes to decode, while real 2D scans are far smaller (a mammogram: ~4,096 x 5,120 = 21 M).
+MAX_2D_PIXELS = 1 << 25
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -137,6 +141,12 @@ def read_pixels(
         declared = rows * cols * frames
     if declared > max_pixels:
         raise UnreadableImageError(path, f"header declares {declared:,} pixels, more than max_pixels={max_pixels:,}")
+    if rows * cols > MAX_2D_PIXELS:
+        # One frame beyond what a real 2D scan needs (see readers.MAX_2D_PIXELS): a 130 KB JPEG DICOM
+        # claiming 12,000 x 12,000 pixels otherwise decodes for seconds into ~700 MB.
+        raise UnreadableImageError(
+            path, f"header declares {rows}x{cols} pixels per frame, more than the 2D limit of {MAX_2D_PIXELS:,}"
+        )
 
     if "PixelData" in ds:
         tsyntax = ds.file_meta.TransferSyntaxUID

@@ -335,7 +335,17 @@ def read_manifest(path: Path) -> pd.DataFrame:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ManifestError(f"{path}: line {line} is not valid UTF-8 (byte {exc.start})") from exc
-    records = list(csv.reader(io.StringIO(text, newline="")))
+    if "\x00" in text:
+        # Valid UTF-8 but binary (or UTF-16 text without a BOM): no manifest field may hold a NUL byte.
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise ManifestError(
+            f"{path}: line {line} contains a NUL byte (a binary file, or UTF-16 text? manifests are UTF-8 CSV)"
+        )
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        records = list(reader)
+    except csv.Error as exc:  # e.g. a field over the csv module's 128 KiB limit: binary junk
+        raise ManifestError(f"{path}: line {reader.line_num} is not valid CSV ({exc})") from exc
     if not records:
         raise ManifestError(f"{path}: empty file (no header)")
     header = [h.strip() for h in records[0]]

@@ -26,6 +26,12 @@ from vqmed.data.errors import UnreadableImageError
 
 # 2**29 pixels (e.g. a 23,000^2 image or a 512x512x2048 volume): larger headers are refused unread.
 DEFAULT_MAX_PIXELS = 1 << 29
+# One 2D image or frame may declare at most 2**25 pixels (e.g. 5,792^2), whatever ``max_pixels`` says.
+# Decoding keeps several full-size copies (decoder output, float32, resize: ~26 bytes per pixel), so
+# a 20 KB JPEG whose header claims 12,000 x 12,000 pixels cost 3.8 GB and 15 s under the 3D-sized
+# limit above. Real 2D scans are far smaller (a mammogram is ~4,096 x 5,120 = 21 M pixels).
+# The value lives in vqmed.data.dicom (imported by this module), which applies it to DICOM frames.
+MAX_2D_PIXELS = dicom.MAX_2D_PIXELS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
@@ -52,16 +58,21 @@ def detect_format(path: Path) -> str | None:
 
 def check_file(path: Path) -> None:
     """Raise a clear reason for files that cannot even be opened (missing, broken link, empty, no permission)."""
-    if path.is_symlink() and not path.exists():
-        raise UnreadableImageError(path, "broken symbolic link")
-    if not path.exists():
-        raise UnreadableImageError(path, "file not found")
-    if path.is_dir():
-        raise UnreadableImageError(path, "is a directory, not a file")
-    if not os.access(path, os.R_OK):
-        raise UnreadableImageError(path, "permission denied")
-    if path.stat().st_size == 0:
-        raise UnreadableImageError(path, "empty file (0 bytes)")
+    try:
+        if path.is_symlink() and not path.exists():
+            raise UnreadableImageError(path, "broken symbolic link")
+        if not path.exists():
+            raise UnreadableImageError(path, "file not found")
+        if path.is_dir():
+            raise UnreadableImageError(path, "is a directory, not a file")
+        if not os.access(path, os.R_OK):
+            raise UnreadableImageError(path, "permission denied")
+        if path.stat().st_size == 0:
+            raise UnreadableImageError(path, "empty file (0 bytes)")
+    except (OSError, ValueError) as exc:
+        # e.g. a name longer than the file system allows (ENAMETOOLONG) or a NUL byte in the path
+        # (ValueError): a bad manifest row, not a crash of the whole dataset.
+        raise UnreadableImageError(path, f"cannot access file: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def safe_path(data_root: Path, rel: str, allow_outside_root: bool = False) -> Path:
@@ -69,6 +80,8 @@ def safe_path(data_root: Path, rel: str, allow_outside_root: bool = False) -> Pa
     symbolic links pointing outside) unless ``allow_outside_root``."""
     if not rel:
         raise UnreadableImageError(rel, "empty path in manifest")
+    if "\x00" in rel:  # os.path.realpath and every file call would raise ValueError on it
+        raise UnreadableImageError(rel.replace("\x00", "\\x00"), "path contains a NUL byte")
     path = Path(data_root) / rel
     if not allow_outside_root:
         root = os.path.realpath(data_root)
@@ -222,6 +235,10 @@ def _read_image(path: Path, frame: int | None, spatial_dims: int, max_pixels: in
             w, h = im.size
             if w * h > max_pixels:
                 raise UnreadableImageError(path, f"header declares {w}x{h} pixels, more than max_pixels={max_pixels:,}")
+            if w * h > dicom.MAX_2D_PIXELS:
+                raise UnreadableImageError(
+                    path, f"header declares {w}x{h} pixels, more than the 2D limit of {dicom.MAX_2D_PIXELS:,}"
+                )
             if frame is not None and getattr(im, "n_frames", 1) > 1:
                 im.seek(int(frame))
             # Respect EXIF orientation like every viewer; np.asarray keeps rows = height (no transpose).

@@ -7,16 +7,20 @@ with bootstrap CIs and out-of-fold thresholds (:mod:`.metrics`), and the orchest
 outputs and MLflow runs (:mod:`.benchmark`): ``vqmed benchmark`` calls :func:`run_benchmark`.
 """
 
-from vqmed.downstream.benchmark import FeatureSource, run_benchmark, run_benchmark_on_features
+from vqmed.downstream.benchmark import (
+    FeatureSource,
+    run_benchmark,
+    run_benchmark_on_features,
+)
 from vqmed.downstream.cnn import CodeMapCNN, ImageCNN
 from vqmed.downstream.sampling import Budget, draw_labeled_subset
 
 __all__ = [
+    "Budget",
+    "CodeMapCNN",
+    "FeatureSource",
+    "ImageCNN",
+    "draw_labeled_subset",
     "run_benchmark",
     "run_benchmark_on_features",
-    "FeatureSource",
-    "CodeMapCNN",
-    "ImageCNN",
-    "Budget",
-    "draw_labeled_subset",
 ]

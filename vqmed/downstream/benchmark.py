@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,7 +31,13 @@ import pandas as pd
 from vqmed.config import BenchmarkConfig, to_dict
 from vqmed.downstream.features import feature_variant
 from vqmed.downstream.metrics import METRICS, StratifiedBootstrap
-from vqmed.downstream.probes import ProbeFit, fit_probe, make_folds, make_probe, scores_of
+from vqmed.downstream.probes import (
+    ProbeFit,
+    fit_probe,
+    make_folds,
+    make_probe,
+    scores_of,
+)
 from vqmed.downstream.sampling import Budget, draw_labeled_subset, make_budgets
 
 logger = logging.getLogger(__name__)
@@ -89,12 +95,27 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: Path) -> dict[str, Any]:
     Returns:
         the summary (also written to ``out_dir/summary.json``).
     """
+    t0 = time.perf_counter()
+    with _limited_threads(cfg.threads):
+        store, index, sources, pixels = _load_inputs(cfg)
+    meta = {
+        "export": str(cfg.export),
+        "model_ref": store.meta.get("model_ref"),
+        "model_name": store.meta.get("model_name"),
+        "model_id": store.meta.get("model_id"),
+        "pretrain_run_id": store.meta.get("pretrain_run_id"),
+        "load_seconds": round(time.perf_counter() - t0, 1),
+    }
+    return run_benchmark_on_features(index, sources, pixels, cfg, Path(out_dir), meta=meta)
+
+
+def _load_inputs(cfg: BenchmarkConfig) -> tuple[Any, pd.DataFrame, dict[str, FeatureSource], np.ndarray | None]:
+    """The store, its index, the feature sources (pretrained and random encoder) and the pixels."""
     from vqmed.export import load
 
-    t0 = time.perf_counter()
     store = load(cfg.export)
     index = store.index.reset_index(drop=True)
-    names = [n for n in ("codes", "quantized_mean", "code_histogram", "continuous_mean") if n in store.array_names]
+    names = [n for n in ("codes", "quantized_mean", "code_histogram", "continuous_mean", "continuous_grid") if n in store.array_names]
     sources = {"vqvae": FeatureSource({n: store.array(n) for n in names}, store.codebook)}
     spec = dict(store.meta.get("image_spec") or {})
     b = cfg.baselines
@@ -105,15 +126,7 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: Path) -> dict[str, Any]:
         size = int(spec.get("image_size", cfg.image_size))
         images = pixels if pixels is not None and size == cfg.image_size else load_images(index, cfg.data_root, size, cfg.cache_dir)
         sources["random_encoder"] = random_encoder_features(store.meta["model_name"], store.meta["model_config"], images, cfg.seed)
-    meta = {
-        "export": str(cfg.export),
-        "model_ref": store.meta.get("model_ref"),
-        "model_name": store.meta.get("model_name"),
-        "model_id": store.meta.get("model_id"),
-        "pretrain_run_id": store.meta.get("pretrain_run_id"),
-        "load_seconds": round(time.perf_counter() - t0, 1),
-    }
-    return run_benchmark_on_features(index, sources, pixels, cfg, Path(out_dir), meta=meta)
+    return store, index, sources, pixels
 
 
 def load_images(index: pd.DataFrame, data_root: str | None, image_size: int, cache_dir: str | None) -> np.ndarray:
@@ -164,7 +177,7 @@ def random_encoder_features(model_name: str, model_config: dict[str, Any], image
     for start in range(0, len(images), batch_size):
         batch = torch.as_tensor(images[start:start + batch_size]).unsqueeze(1)
         parts.append(compute_features(model, batch))
-    keys = [k for k in ("codes", "quantized_mean", "code_histogram", "continuous_mean") if k in parts[0]]
+    keys = [k for k in ("codes", "quantized_mean", "code_histogram", "continuous_mean", "continuous_grid") if k in parts[0]]
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in keys}
     return FeatureSource(arrays, codebooks(model)["codebook"])
 
@@ -237,8 +250,8 @@ def run_benchmark_on_features(
             "name": cfg.name,
             "seed": cfg.seed,
             "meta": meta,
-            "n_train": int(len(data["y_train"])),
-            "n_test": int(len(data["y_test"])),
+            "n_train": len(data["y_train"]),
+            "n_test": len(data["y_test"]),
             "test_positives": int(data["y_test"].sum()),
             "positive_label": cfg.positive_label,
             "ci_method": CI_METHOD,
@@ -374,10 +387,10 @@ def _run_draw(
         "budget_kind": budget.kind,
         "budget_value": budget.value,
         "draw": draw,
-        "n_labels": int(len(y)),
+        "n_labels": len(y),
         "n_pos": int(y.sum()),
         "n_neg": int(len(y) - y.sum()),
-        "n_patients": int(len(np.unique(data["groups_train"][sub]))),
+        "n_patients": len(np.unique(data["groups_train"][sub])),
         "n_folds": len(folds),
     }
     out = []
@@ -509,8 +522,10 @@ def _markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     lines = [
         f"# Low-label benchmark: {summary['name']}",
         "",
-        f"Test split: {summary['n_test']} images ({summary['test_positives']} {summary['positive_label']}), never used "
-        f"for any choice. Training split: {summary['n_train']} images. Seed {summary['seed']}.",
+        (
+            f"Test split: {summary['n_test']} images ({summary['test_positives']} {summary['positive_label']}), never used "
+            f"for any choice. Training split: {summary['n_train']} images. Seed {summary['seed']}."
+        ),
     ]
     if summary["meta"].get("pretrain_run_id"):
         lines.append(f"Pretraining MLflow run: `{summary['meta']['pretrain_run_id']}`.")
@@ -665,7 +680,7 @@ class _Tracker:
         from vqmed.tracking import log_figure, log_metrics
 
         for row in (r for r in rows if not r["candidate"]):
-            step = int(round(row["n_labels"]))
+            step = round(row["n_labels"])
             log_metrics({_metric_key(f"auc_mean/{row['method']}"): row["auc_mean"]}, step=step)
         for name in ("benchmark.csv", "summary.json", "summary.md"):
             mlflow.log_artifact(str(out_dir / name))

@@ -10,8 +10,8 @@ fixed thread count.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ class _TorchBinaryClassifier(ClassifierMixin, BaseEstimator):
     def _to_tensor(self, X: np.ndarray) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "_TorchBinaryClassifier":
+    def fit(self, X: np.ndarray, y: np.ndarray) -> _TorchBinaryClassifier:
         """Train on ``X`` / ``y`` for ``min(max_steps, epochs * batches)`` AdamW steps."""
         y = np.asarray(y)
         self.classes_ = np.unique(y)

@@ -46,7 +46,7 @@ class CappedPCA(TransformerMixin, BaseEstimator):
         self.n_components = n_components
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "CappedPCA":
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> CappedPCA:
         k = max(1, min(int(self.n_components), X.shape[0] - 1, X.shape[1]))
         self.pca_ = PCA(n_components=k, random_state=self.random_state).fit(X)
         return self
@@ -98,15 +98,15 @@ def make_probe(
         mlp = MLPClassifier(hidden_layer_sizes=(probes.mlp_hidden,), solver="lbfgs", max_iter=probes.mlp_max_iter, random_state=rs)
         est = Pipeline([("scale", StandardScaler()), ("clf", mlp)])
         return est, [{"clf__alpha": a} for a in sorted(probes.mlp_alpha, reverse=True)]
-    schedule = dict(
-        channels=tuple(cnn.channels),
-        epochs=cnn.epochs,
-        max_steps=cnn.max_steps,
-        batch_size=cnn.batch_size,
-        lr=cnn.lr,
-        weight_decay=cnn.weight_decay,
-        random_state=rs,
-    )
+    schedule = {
+        "channels": tuple(cnn.channels),
+        "epochs": cnn.epochs,
+        "max_steps": cnn.max_steps,
+        "batch_size": cnn.batch_size,
+        "lr": cnn.lr,
+        "weight_decay": cnn.weight_decay,
+        "random_state": rs,
+    }
     if name == "code_cnn":
         if codebook is None:
             raise ValueError("code_cnn needs the export's codebook")

@@ -44,7 +44,7 @@ class Budget:
         """Labels wanted per class, given the images available per class."""
         if self.kind == "fraction":
             # at least one image per class so that every subset is a two-class problem
-            return {c: min(n, max(1, int(round(self.value * n)))) for c, n in class_counts.items()}
+            return {c: min(n, max(1, round(self.value * n))) for c, n in class_counts.items()}
         return {c: min(n, int(self.value)) for c, n in class_counts.items()}
 
 

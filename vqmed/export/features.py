@@ -19,6 +19,17 @@ def _levels(model: nn.Module) -> int:
     return int(getattr(model, "levels", 1))
 
 
+# Cells per axis of the spatially pooled continuous features: a 4x4 grid keeps where a finding lies
+# (upper vs lower lobe, left vs right) at 16 x D numbers per study.
+GRID = 4
+
+
+def _grid_pool(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``[B, D, *spatial]`` over a ``GRID`` x ... x ``GRID`` partition -> ``[B, D, GRID, ...]``."""
+    pool = nn.functional.adaptive_avg_pool3d if x.dim() == 5 else nn.functional.adaptive_avg_pool2d
+    return pool(x, GRID)
+
+
 def _pool(x: torch.Tensor) -> torch.Tensor:
     """Mean over every spatial axis of ``[B, D, *spatial]`` -> ``[B, D]``."""
     return x.flatten(2).mean(dim=2)
@@ -57,7 +68,8 @@ def compute_features(model: nn.Module, images: torch.Tensor) -> dict[str, np.nda
         ``codes`` ``(N, *latent)`` uint16 finest code map; ``codes_top`` and ``code_histogram_top``
         for two-level models; ``quantized_mean`` ``(N, D)`` mean of the quantized vectors;
         ``code_histogram`` ``(N, K)`` normalised bag-of-codes; ``continuous_mean`` ``(N, D)`` mean of
-        the pre-quantization features (all float32).
+        the pre-quantization features; ``continuous_grid`` ``(N, D, 4, 4[, 4])`` their mean over a 4x4(x4)
+        grid of cells (all float32).
     """
     model.eval()
     # One encoder pass gives both the continuous latents and the codes; quantize() in eval mode is a
@@ -76,6 +88,7 @@ def compute_features(model: nn.Module, images: torch.Tensor) -> dict[str, np.nda
         "quantized_mean": _quantized_mean(quantizers[0], bottom).cpu().numpy(),
         "code_histogram": _histogram(bottom, k).cpu().numpy(),
         "continuous_mean": _pool(z_bottom.float()).cpu().numpy(),
+        "continuous_grid": _grid_pool(z_bottom.float()).cpu().numpy(),
     }
     if top is not None:
         top = top.long()

@@ -65,6 +65,12 @@ def atomic_write(path: Path, write: Any) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is not None:
+            raise
+        # A failed write() (disk full, ...) does not say which file; name the one being written.
+        raise OSError(exc.errno, f"cannot write {path.name}: {exc.strerror or exc}", str(path)) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -11,4 +11,4 @@ from vqmed.networks.quantizer import VectorQuantizer
 from vqmed.networks.vqvae import VQVAE
 from vqmed.networks.vqvae2 import VQVAE2
 
-__all__ = ["VectorQuantizer", "VQVAE", "VQVAE2", "MonaiVQVAE", "build_model", "MODELS"]
+__all__ = ["MODELS", "VQVAE", "VQVAE2", "MonaiVQVAE", "VectorQuantizer", "build_model"]

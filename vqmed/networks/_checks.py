@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 
 
@@ -74,7 +73,9 @@ def check_input(model: str, x: torch.Tensor, spatial_dims: int, in_channels: int
         raise ValueError(f"{model}: expected {in_channels} input channel(s), got shape {tuple(x.shape)}")
     bad = [s for s in x.shape[2:] if s % factor]
     if bad:
-        raise ValueError(f"{model}: spatial sizes {tuple(x.shape[2:])} must be divisible by the total downsampling {factor}")
+        raise ValueError(
+            f"{model}: spatial sizes {tuple(x.shape[2:])} must be divisible by the total downsampling {factor}"
+        )
 
 
 def latent_size(input_size: int | Sequence[int], spatial_dims: int, factor: int) -> tuple[int, ...]:

@@ -10,13 +10,13 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.utils import get_act_layer
 from monai.networks.utils import pixelshuffle, pixelunshuffle
+from torch import nn
 
-__all__ = ["ResBlock", "Downsample", "Upsample", "Encoder", "Decoder", "STEMS", "UPSAMPLES", "he_init_"]
+__all__ = ["STEMS", "UPSAMPLES", "Decoder", "Downsample", "Encoder", "ResBlock", "Upsample", "he_init_"]
 
 STEMS = ("conv", "patchify")
 UPSAMPLES = ("pixelshuffle", "transpose")
@@ -136,14 +136,26 @@ class Downsample(nn.Module):
         if self.patchify:
             # space-to-depth + 1x1 conv == a kernel=stride conv, but the 1x1 conv is a plain GEMM
             self.conv = Convolution(
-                spatial_dims, in_channels * factor**spatial_dims, out_channels, kernel_size=1,
-                act=act, norm=norm, conv_only=act is None and norm is None,
+                spatial_dims,
+                in_channels * factor**spatial_dims,
+                out_channels,
+                kernel_size=1,
+                act=act,
+                norm=norm,
+                conv_only=act is None and norm is None,
             )
         else:
             kernel = max(3, factor + 1)
             self.conv = Convolution(
-                spatial_dims, in_channels, out_channels, strides=factor, kernel_size=kernel,
-                padding=kernel // 2, act=act, norm=norm, conv_only=act is None and norm is None,
+                spatial_dims,
+                in_channels,
+                out_channels,
+                strides=factor,
+                kernel_size=kernel,
+                padding=kernel // 2,
+                act=act,
+                norm=norm,
+                conv_only=act is None and norm is None,
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,8 +204,15 @@ class Upsample(nn.Module):
             _icnr_(self.conv.conv.weight, factor, spatial_dims)
         else:
             self.conv = Convolution(
-                spatial_dims, in_channels, out_channels, strides=factor, kernel_size=2 * factor,
-                padding=factor // 2, output_padding=0, is_transposed=True, conv_only=True,
+                spatial_dims,
+                in_channels,
+                out_channels,
+                strides=factor,
+                kernel_size=2 * factor,
+                padding=factor // 2,
+                output_padding=0,
+                is_transposed=True,
+                conv_only=True,
             )
         post: list[nn.Module] = []
         if norm is not None:
@@ -311,7 +330,9 @@ class Decoder(nn.Module):
                     ResBlock(spatial_dims, channels[i], num_res_channels[i], act=act, norm=norm, dropout=dropout)
                 )
             if i > 0:
-                layers.append(Upsample(spatial_dims, channels[i], channels[i - 1], 2, mode=upsample, act=act, norm=norm))
+                layers.append(
+                    Upsample(spatial_dims, channels[i], channels[i - 1], 2, mode=upsample, act=act, norm=norm)
+                )
         layers.append(Upsample(spatial_dims, channels[0], out_channels, stem_stride, mode=upsample, act=None))
         if output_act is not None:
             layers.append(get_act_layer(output_act))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import torch.nn as nn
+from torch import nn
 
 from vqmed.networks.monai_baseline import MonaiVQVAE
 from vqmed.networks.vqvae import VQVAE
 from vqmed.networks.vqvae2 import VQVAE2
 
-__all__ = ["build_model", "MODELS"]
+__all__ = ["MODELS", "build_model"]
 
 MODELS: dict[str, type[nn.Module]] = {"vqvae": VQVAE, "vqvae2": VQVAE2, "monai_vqvae": MonaiVQVAE}
 

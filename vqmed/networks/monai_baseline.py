@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 from monai.networks.nets import VQVAE as _MonaiNet
+from torch import nn
 
 from vqmed.networks import _checks as C
 
@@ -138,12 +138,24 @@ class MonaiVQVAE(nn.Module):
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         n = len(chans)
         self.net = _MonaiNet(
-            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, channels=chans,
-            num_res_layers=num_res_layers, num_res_channels=res,
-            downsample_parameters=((2, 4, 1, 1),) * n, upsample_parameters=((2, 4, 1, 1, 0),) * n,
-            num_embeddings=num_embeddings, embedding_dim=embedding_dim, embedding_init=embedding_init,
-            commitment_cost=commitment_cost, decay=decay, epsilon=epsilon, dropout=dropout, act=act,
-            output_act=output_act, ddp_sync=ddp_sync,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=chans,
+            num_res_layers=num_res_layers,
+            num_res_channels=res,
+            downsample_parameters=((2, 4, 1, 1),) * n,
+            upsample_parameters=((2, 4, 1, 1, 0),) * n,
+            num_embeddings=num_embeddings,
+            embedding_dim=embedding_dim,
+            embedding_init=embedding_init,
+            commitment_cost=commitment_cost,
+            decay=decay,
+            epsilon=epsilon,
+            dropout=dropout,
+            act=act,
+            output_act=output_act,
+            ddp_sync=ddp_sync,
         )
         self.quantizer = MonaiQuantizer(self.net.quantizer.quantizer)
 
@@ -173,4 +185,3 @@ class MonaiVQVAE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         z_q, indices, losses = self.quantize(self.encode(x))
         return self.decode(z_q), losses, indices
-

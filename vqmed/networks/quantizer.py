@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from vqmed.networks._checks import check_int as _check_int
 
@@ -284,8 +284,10 @@ class VectorQuantizer(nn.Module):
     def _restart(self, dead: torch.Tensor, x: torch.Tensor) -> None:
         """Re-seed the ``dead`` codes with random current encoder outputs (gathered from all ranks)."""
         m = int(dead.sum())
-        pick = torch.randperm(x.shape[0], device=x.device)[:m] if x.shape[0] >= m else torch.randint(
-            x.shape[0], (m,), device=x.device
+        pick = (
+            torch.randperm(x.shape[0], device=x.device)[:m]
+            if x.shape[0] >= m
+            else torch.randint(x.shape[0], (m,), device=x.device)
         )
         new = x[pick]
         if self._distributed():

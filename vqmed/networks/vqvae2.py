@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 from monai.networks.blocks import Convolution
+from torch import nn
 
 from vqmed.networks import _checks as C
 from vqmed.networks.blocks import STEMS, UPSAMPLES, Decoder, Encoder, Upsample, he_init_
@@ -66,16 +66,16 @@ class VQVAE2(nn.Module):
         spatial_dims: int = 2,
         in_channels: int = 1,
         out_channels: int = 1,
-        channels: Sequence[int] = (32, 128),
-        num_res_layers: int | Sequence[int] = (1, 2),
-        num_res_channels: int | Sequence[int] | None = (32, 64),
+        channels: Sequence[int] = (128,),
+        num_res_layers: int | Sequence[int] = 2,
+        num_res_channels: int | Sequence[int] | None = 64,
         downsample: int = 4,
         top_downsample: int = 2,
         top_channels: int | None = None,
         top_num_res_layers: int = 1,
         num_embeddings: int | Sequence[int] = 512,
         embedding_dim: int = 64,
-        stem: str = "conv",
+        stem: str = "patchify",
         upsample: str = "pixelshuffle",
         act: tuple | str | None = "RELU",
         norm: tuple | str | None = None,
@@ -100,7 +100,9 @@ class VQVAE2(nn.Module):
         C.check_int("out_channels", out_channels, 1)
         self.downsample = C.check_downsample("downsample", downsample)
         self.top_downsample = C.check_downsample("top_downsample", top_downsample, (2, 4))
-        chans, layers, res_chans, stem_stride = encoder_levels("VQVAE2", channels, num_res_layers, num_res_channels, downsample)
+        chans, layers, res_chans, stem_stride = encoder_levels(
+            "VQVAE2", channels, num_res_layers, num_res_channels, downsample
+        )
         top_ch = chans[-1] if top_channels is None else C.check_int("top_channels", top_channels, 1)
         C.check_int("top_num_res_layers", top_num_res_layers, 0)
         k_bottom, k_top = C.per_level("num_embeddings", num_embeddings, 2, 2)
@@ -116,24 +118,49 @@ class VQVAE2(nn.Module):
         d = embedding_dim
         blocks = dict(act=act, norm=norm, dropout=dropout)
 
-        self.encoder_bottom = Encoder(spatial_dims, in_channels, None, chans, layers, res_chans, stem_stride, stem=stem, **blocks)
+        self.encoder_bottom = Encoder(
+            spatial_dims, in_channels, None, chans, layers, res_chans, stem_stride, stem=stem, **blocks
+        )
         self.encoder_top = Encoder(
             spatial_dims, chans[-1], d, [top_ch], [top_num_res_layers], [top_ch], top_downsample, stem="conv", **blocks
         )
         # decodes the top codes to bottom resolution to condition the bottom latent (Razavi et al., Alg. 1)
         self.decoder_top = Decoder(
-            spatial_dims, d, chans[-1], [top_ch], [top_num_res_layers], [top_ch], top_downsample, upsample=upsample, **blocks
+            spatial_dims,
+            d,
+            chans[-1],
+            [top_ch],
+            [top_num_res_layers],
+            [top_ch],
+            top_downsample,
+            upsample=upsample,
+            **blocks,
         )
         self.pre_quant_bottom = he_init_(Convolution(spatial_dims, 2 * chans[-1], d, kernel_size=1, conv_only=True))
         self.upsample_top = Upsample(spatial_dims, d, d, top_downsample, mode=upsample, act=None)
         self.decoder = Decoder(
-            spatial_dims, 2 * d, out_channels, chans, layers, res_chans, stem_stride, upsample=upsample,
-            output_act=output_act, **blocks,
+            spatial_dims,
+            2 * d,
+            out_channels,
+            chans,
+            layers,
+            res_chans,
+            stem_stride,
+            upsample=upsample,
+            output_act=output_act,
+            **blocks,
         )
         qargs = dict(
-            decay=decay, ema_warmup=ema_warmup, commitment_cost=commitment_cost, epsilon=epsilon, kmeans_init=kmeans_init,
-            kmeans_iters=kmeans_iters, dead_code_threshold=dead_code_threshold,
-            restart_after_steps=restart_after_steps, use_cosine=use_cosine, lookup_dim=lookup_dim,
+            decay=decay,
+            ema_warmup=ema_warmup,
+            commitment_cost=commitment_cost,
+            epsilon=epsilon,
+            kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters,
+            dead_code_threshold=dead_code_threshold,
+            restart_after_steps=restart_after_steps,
+            use_cosine=use_cosine,
+            lookup_dim=lookup_dim,
             sync_distributed=sync_distributed,
         )
         self.quantizer_bottom = VectorQuantizer(k_bottom, d, **qargs)
@@ -179,7 +206,10 @@ class VQVAE2(nn.Module):
     def decode_indices(self, indices: Pair) -> torch.Tensor:
         """Reconstruction from code index maps ``(bottom, top)``."""
         return self.decode(
-            (self.quantizer_bottom.get_codes_from_indices(indices[0]), self.quantizer_top.get_codes_from_indices(indices[1]))
+            (
+                self.quantizer_bottom.get_codes_from_indices(indices[0]),
+                self.quantizer_top.get_codes_from_indices(indices[1]),
+            )
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], Pair]:

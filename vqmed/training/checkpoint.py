@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,12 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to ``path`` via a fsynced temporary file and an atomic rename."""
+    """``torch.save`` to ``path`` via a fsynced temporary file and an atomic rename.
+
+    Raises:
+        CheckpointError: the file cannot be written (disk full, no permission, ...), naming the path;
+            ``path`` itself is then untouched and no temporary file is left behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -38,10 +44,29 @@ def atomic_save(obj: dict[str, Any], path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        # Disk full (ENOSPC) and the like: say which file, so the CLI prints one clear line.
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot write checkpoint ({exc})") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(directory: Path, names: tuple[str, ...] = (LAST,)) -> int:
+    """Delete the ``.NAME.tmp-PID`` files (see :func:`atomic_save`) of the given file ``names`` that a
+    writer killed mid-write left in ``directory``.
+
+    Call it only where no other process writes them (rank 0 at the start of a run). Returns the count.
+    """
+    removed = 0
+    for name in names:
+        for tmp in Path(directory).glob(f".{name}.tmp-*"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -63,8 +88,13 @@ def save_checkpoint(state: dict[str, Any], directory: Path) -> Path:
     target = directory / LAST
     state = {"format": FORMAT, **state}
     if target.exists():
-        # Keep the last good checkpoint until the new one is safely on disk.
-        os.replace(target, directory / PREVIOUS)
+        if zipfile.is_zipfile(target):
+            # Keep the last good checkpoint until the new one is safely on disk.
+            os.replace(target, directory / PREVIOUS)
+        else:
+            # A torn last.pt (the run resumed from last.prev.pt because of it) must not replace the
+            # good previous one: if this write failed too, no loadable checkpoint would be left.
+            target.unlink()
     atomic_save(state, target)
     return target
 

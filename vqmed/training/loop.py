@@ -30,7 +30,14 @@ from torch.utils.data import DataLoader
 from vqmed.config import ConfigError, PretrainConfig, to_dict
 from vqmed.data import ImageDataset, ImageSpec, read_manifest, resolve_data_root
 from vqmed.networks import build_model
-from vqmed.training.checkpoint import atomic_save, latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vqmed.training.checkpoint import (
+    atomic_save,
+    latest_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from vqmed.training.distributed import (
     ResumableSampler,
     Runtime,
@@ -152,7 +159,13 @@ class Trainer:
         if not resume and (self.found is not None or (self.out / RUN_FILE).exists()):
             raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
         if self.rt.is_main:
+            # Before anything is written or decoded: an unreachable server would otherwise hang for minutes.
+            check_tracking_server(cfg.tracking.tracking_uri)
             self.out.mkdir(parents=True, exist_ok=True)
+            # Half-written files of a run killed mid-write (the renamed ones are whole).
+            remove_stale_temporaries(self.out, (RUN_FILE, SUMMARY_FILE, "final.pt"))
+            if self.ckpt_dir.is_dir():
+                remove_stale_temporaries(self.ckpt_dir)
         self._build_data()
         self._build_model()
         self.history = History()
@@ -568,6 +581,54 @@ def state_hash(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_tracking_server(tracking_uri: str | None, timeout: float = 5.0) -> None:
+    """Fail fast, with one line naming the URI, when an HTTP(S) MLflow tracking server does not answer.
+
+    MLflow retries every request with exponential back-off, so a down server (``MLFLOW_TRACKING_URI``
+    pointing at a closed port) would hang the run for many minutes before it died. Any HTTP answer,
+    even 401 or 404, counts as reachable; local stores (sqlite, file) are not checked.
+
+    Args:
+        tracking_uri: ``tracking.tracking_uri``; ``None`` = ``MLFLOW_TRACKING_URI`` or the local store.
+        timeout: seconds to wait for the server's ``/health`` answer.
+
+    Raises:
+        ConfigError: the server refused the connection, did not answer in time, or its host is unknown.
+    """
+    import ssl
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from vqmed.tracking import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"MLflow tracking URI has an invalid port: {parts.scheme}://{parts.hostname}...") from None
+    # Credentials in the URI are neither sent by urllib nor printed.
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = host + (f":{port}" if port else "")
+    shown = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    health = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    try:
+        urllib.request.urlopen(health, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # the server answered
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):
+            return  # it answered the handshake; its certificate is MLflow's business (MLFLOW_TRACKING_* TLS settings)
+        raise ConfigError(
+            f"MLflow tracking server {shown} is not reachable ({reason}); start it, or unset "
+            "MLFLOW_TRACKING_URI / tracking.tracking_uri to track in the local store (mlflow.db)"
+        ) from None
 
 
 def atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
