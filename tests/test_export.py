@@ -278,10 +278,15 @@ def _check_resumed(out: Path, manifest: pd.DataFrame, reference: Path | None = N
     codes = store.array("codes")
     assert codes.shape[0] == n
     if reference is not None:
-        # Same codes as an uninterrupted export (other batches, other shards), aligned by path.
+        # Same codes as an uninterrupted export, aligned by path. That export ran with other batches and
+        # another thread count, where oneDNN sums in another order: a latent lying within float rounding
+        # of two codes may flip (bit-identical codes for identical batching are tested separately).
+        # A misaligned or duplicated row would agree on only a few percent of its codes.
         ref = load(reference)
         position = pd.Series(np.arange(len(ref.index)), index=ref.index["path"])
-        assert np.array_equal(codes, ref.array("codes")[position.loc[store.index["path"]].to_numpy()])
+        expected = ref.array("codes")[position.loc[store.index["path"]].to_numpy()]
+        per_image = (codes == expected).reshape(len(codes), -1).mean(axis=1)
+        assert per_image.min() > 0.98 and per_image.mean() > 0.999, (per_image.min(), per_image.mean())
 
 
 def test_sigkill_halfway_then_resume_gives_complete_unduplicated_store(exported, checkpoint, small_manifest, data_root, tmp_path):
