@@ -189,7 +189,9 @@ class VectorQuantizer(nn.Module):
             codes = self._codes()
             idx = _nearest(x.detach(), codes.detach())
             q = F.embedding(idx, codes)
-            z_q = self._from_lookup(x + (q - x).detach(), shape, z.dtype)
+            # Straight-through estimator only where a gradient can flow; otherwise the exact code vectors,
+            # so a no-grad forward reconstructs bit-identically to decode_indices(index_quantize(x)).
+            z_q = self._from_lookup(x + (q - x).detach() if x.requires_grad else q, shape, z.dtype)
         return z_q, idx.reshape(shape)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -218,7 +220,9 @@ class VectorQuantizer(nn.Module):
             if self.training:
                 with torch.no_grad():
                     self._update(x.detach(), idx)
-            z_q = self._from_lookup(x + (q - x).detach(), shape, z.dtype)
+            # Straight-through estimator only where a gradient can flow; otherwise the exact code vectors,
+            # so a no-grad forward reconstructs bit-identically to decode_indices(index_quantize(x)).
+            z_q = self._from_lookup(x + (q - x).detach() if x.requires_grad else q, shape, z.dtype)
         return z_q, idx.reshape(shape), losses
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
