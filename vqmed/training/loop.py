@@ -516,7 +516,7 @@ class Trainer:
             return None
         import mlflow
 
-        from vqmed.tracking import log_figure, loss_curves, reconstruction_gif, usage_histogram
+        from vqmed.tracking import log_figure, loss_curves, reconstruction_gif, reconstruction_grid, usage_histogram
 
         final = self.out / "final.pt"
         atomic_save(
@@ -531,9 +531,15 @@ class Trainer:
             gif = reconstruction_gif(self.frames, figures / "reconstruction_progress.gif",
                                      labels=[f"epoch {i + 1}" for i in range(len(self.frames))])
             mlflow.log_artifact(str(gif), artifact_path="figures")
-        log_figure(loss_curves({k: [tuple(p) for p in v] for k, v in self.history.as_dict().items()}),
-                   "figures/loss_curves.png")
-        log_figure(usage_histogram(self.last_stats["usage_counts"]), "figures/codebook_usage.png")
+        final_figures = {
+            "loss_curves.png": loss_curves({k: [tuple(p) for p in v] for k, v in self.history.as_dict().items()}),
+            "codebook_usage.png": usage_histogram(self.last_stats["usage_counts"]),
+            "reconstructions.png": reconstruction_grid(self.last_val["originals"], self.last_val["reconstructions"],
+                                                       n=self.cfg.train.val_images),
+        }
+        for name, fig in final_figures.items():
+            fig.savefig(figures / name, dpi=120)  # beside the run too, for reports that do not open MLflow
+            log_figure(fig, f"figures/{name}")
         if self.cfg.tracking.log_model:
             self._log_mlflow_model()
         val = self.last_val["metrics"]
