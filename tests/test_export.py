@@ -35,17 +35,9 @@ SMALL = dict(spatial_dims=2, in_channels=1, out_channels=1, channels=(16, 32), n
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _salt_and_threads():
-    """A fixed id salt (no per-user salt file written by tests) and one thread, as on a shared CI box."""
-    saved = os.environ.get("VQMED_ID_SALT"), torch.get_num_threads()
-    os.environ["VQMED_ID_SALT"] = "vqmed-test-salt"
-    torch.set_num_threads(1)
-    yield
-    if saved[0] is None:
-        os.environ.pop("VQMED_ID_SALT", None)
-    else:
-        os.environ["VQMED_ID_SALT"] = saved[0]
-    torch.set_num_threads(saved[1])
+def _salt_and_threads(pinned_salt_and_threads):
+    with pinned_salt_and_threads("vqmed-test-salt"):
+        yield
 
 
 @pytest.fixture(scope="module")

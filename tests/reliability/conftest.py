@@ -36,17 +36,9 @@ if not (DATA_ROOT / "chest_xray").is_dir():  # pragma: no cover - depends on the
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _salt_and_threads():
-    """A fixed id salt (tests never create the per-user salt file) and one torch thread (shared CPU)."""
-    saved = os.environ.get("VQMED_ID_SALT"), torch.get_num_threads()
-    os.environ["VQMED_ID_SALT"] = SALT
-    torch.set_num_threads(1)
-    yield
-    if saved[0] is None:
-        os.environ.pop("VQMED_ID_SALT", None)
-    else:
-        os.environ["VQMED_ID_SALT"] = saved[0]
-    torch.set_num_threads(saved[1])
+def _salt_and_threads(pinned_salt_and_threads):
+    with pinned_salt_and_threads(SALT):
+        yield
 
 
 @pytest.fixture(scope="session")
