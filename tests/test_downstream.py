@@ -240,6 +240,28 @@ def test_threshold_never_sees_test_labels(kermany: dict, tmp_path: Path, monkeyp
     assert auc_a.min() > 0.75 and np.abs(auc_b - 0.5).max() < 0.1
 
 
+def test_pool_standardisation_uses_the_training_split_only(kermany: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``probes.standardize: pool`` scales features with the unlabeled training split: rescaling the test
+    images changes no choice made on the labeled subset, while switching to ``subset`` does change them."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    off = {"budgets.fractions": "[]", "budgets.draws": 1, "baselines.cnn_scratch": False, "baselines.random_encoder": False}
+    pixels = kermany["pixels"]
+    shifted = pixels.copy()
+    test = ~kermany["train"]
+    shifted[test] = np.sqrt(shifted[test])  # a different scanner's contrast curve on the test split
+    tables = {}
+    for name, px, mode in (("pool", pixels, "pool"), ("pool_shifted", shifted, "pool"), ("subset", pixels, "subset")):
+        cfg = _tiny_cfg(**off, **{"probes.standardize": mode})
+        run_benchmark_on_features(kermany["index"], {}, px, cfg, tmp_path / name, verbose=False)
+        tables[name] = pd.read_csv(tmp_path / name / "benchmark.csv").query("metric == 'auc'")
+    pool, shifted_run, subset = tables["pool"], tables["pool_shifted"], tables["subset"]
+    for col in ("threshold", "cv_auc", "selected", "params"):
+        assert pool[col].tolist() == shifted_run[col].tolist(), col
+    assert not np.allclose(pool["value"], shifted_run["value"])  # the test scores did move
+    assert not np.allclose(pool["cv_auc"], subset["cv_auc"])  # the option is live: other scales, other fits
+    assert pool["value"].min() > 0.7 and subset["value"].min() > 0.7
+
+
 # --------------------------------------------------------------------------------------------------
 # features and CNN estimators
 # --------------------------------------------------------------------------------------------------
@@ -309,12 +331,16 @@ def test_benchmark_end_to_end_writes_outputs_and_mlflow_runs(kermany: dict, vq: 
     table = pd.read_csv(out / "benchmark.csv")
     primary = ["vqvae", "random_encoder", "raw_pixels_logreg", "pca_logreg", "cnn_scratch"]
     main = table[~table.method.str.contains(r"\[")]
-    assert sorted(main.method.unique()) == sorted(primary)
-    assert len(main) == len(primary) * 2 * 2 * 5  # methods x budgets x draws x metrics
+    # the first variant is the method; the second is reported as a method of its own
+    assert sorted(main.method.unique()) == sorted([*primary, "vqvae:codes_grid_mean_2x2"])
+    assert len(main) == (len(primary) + 1) * 2 * 2 * 5  # methods x budgets x draws x metrics
     assert set(table.metric) == {"auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy"}
     assert (table.ci_low <= table.value + 1e-12).all() and (table.value <= table.ci_high + 1e-12).all()
-    # 2 variants x 2 sklearn classifiers + the code CNN, reported as candidates of both encoders
-    assert table[table.method.str.startswith("vqvae[")].method.nunique() == 5
+    # the first variant x 2 sklearn classifiers + the code CNN; the second variant x 2 classifiers
+    assert set(table[table.method.str.startswith("vqvae[")].method) == {
+        "vqvae[code_histogram+logreg]", "vqvae[code_histogram+knn]", "vqvae[codes+code_cnn]"
+    }
+    assert table[table.method.str.startswith("vqvae:codes_grid_mean_2x2[")].method.nunique() == 2
     assert set(main[main.method == "vqvae"].selected) <= set(table[table.method.str.startswith("vqvae[")].method.str[6:-1])
     n10 = main[(main.budget == "10/class") & (main.metric == "auc")]
     assert (n10.n_labels == 20).all() and (n10.n_pos == 10).all()
@@ -341,7 +367,7 @@ def test_benchmark_end_to_end_writes_outputs_and_mlflow_runs(kermany: dict, vq: 
     parent_tags = {k: v for r, k, v in tags if r == parent}
     assert parent_tags["vqmed.pretrain_run_id"] == meta["pretrain_run_id"]
     children = {r for r, k, v in tags if k == "mlflow.parentRunId" and v == parent}
-    assert {runs[c] for c in children} == {f"{m} @ {b}" for m in primary for b in ("10/class", "2%")}
+    assert {runs[c] for c in children} == {f"{m} @ {b}" for m in [*primary, "vqvae:codes_grid_mean_2x2"] for b in ("10/class", "2%")}
 
     # same config and seed: the same AUCs (the whole run is seeded and single-threaded)
     again = run_benchmark_on_features(kermany["index"], sources, kermany["pixels"], cfg, tmp_path / "again", verbose=False)
@@ -410,7 +436,9 @@ def test_vqmed_benchmark_cli_on_an_export_store(tmp_path: Path, monkeypatch: pyt
     summary = json.loads((out / "summary.json").read_text())
     assert summary["meta"]["pretrain_run_id"] == run_id and summary["n_train"] == 120 and summary["n_test"] == 80
     methods = {r["method"] for r in summary["results"]}
-    assert methods == {"vqvae", "random_encoder", "raw_pixels_logreg", "pca_logreg", "cnn_scratch"}
+    assert methods == {
+        "vqvae", "vqvae:codes_grid_mean_2x2", "vqvae:continuous_mean", "random_encoder", "raw_pixels_logreg", "pca_logreg", "cnn_scratch"
+    }
     assert {r["budget"] for r in summary["results"]} == {"10/class", "20%"}
     for name in ("benchmark.csv", "summary.md", "label_efficiency.png", "label_efficiency_per_class.png"):
         assert (out / name).is_file(), name

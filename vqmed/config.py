@@ -355,7 +355,7 @@ class BudgetConfig:
         _check(self.full_draws >= 1, "budgets.full_draws", f"must be >= 1, got {self.full_draws}")
 
 
-PROBE_VARIANTS = {"quantized_mean", "code_histogram", "continuous_mean", "continuous_grid"}
+PROBE_VARIANTS = {"quantized_mean", "code_histogram", "continuous_mean", "continuous_grid", "encoder_grid"}
 PROBE_CLASSIFIERS = {"logreg", "linsvm", "knn", "mlp", "code_cnn"}
 
 
@@ -365,10 +365,11 @@ class ProbeConfig:
 
     Args:
         variants: feature variants: ``quantized_mean``, ``code_histogram``, ``continuous_mean``, ``continuous_grid``,
-            ``codes_grid_hist_GxG`` (a G x G grid of code histograms) and ``codes_grid_mean_GxG``
+            ``encoder_grid`` (the encoder's stage activations pooled on a 4x4 grid), ``codes_grid_hist_GxG`` (a G x G grid of code histograms) and ``codes_grid_mean_GxG``
             (codebook vectors mean-pooled per cell). Variants whose arrays the export lacks are skipped.
         classifiers: ``logreg``, ``linsvm``, ``knn``, ``mlp`` (on every variant) and ``code_cnn``
-            (a small CNN on the code maps, embedding initialised from the codebook).
+            (a small CNN on the code maps, embedding initialised from the codebook), simplest first:
+            the order in which ``selection: one_se`` prefers them.
         cv_folds: patient-grouped stratified folds inside the labeled subset (fewer when a class has
             fewer patients); they pick hyper-parameters, the classifier and the decision threshold.
         logreg_c: inverse regularisation strengths tried for logistic regression.
@@ -378,6 +379,13 @@ class ProbeConfig:
         mlp_alpha: L2 penalties tried for the MLP.
         mlp_max_iter: MLP optimiser iterations.
         report_candidates: also report every variant x classifier candidate, not only the one selected.
+        standardize: where the scikit-learn probes' feature means and standard deviations come from,
+            for every method alike (raw pixels and PCA too): ``pool``, the whole training split with
+            its labels unused (the unlabeled archive a user has), or ``subset``, the labeled subset only
+            (a few dozen rows give noisy scales for thousands of features).
+        selection: how cross-validation chooses hyper-parameters and the classifier: ``one_se`` (the
+            simplest option, first in the grid / in ``classifiers`` order, whose out-of-fold AUC is within
+            one standard error of the best) or ``best`` (the highest out-of-fold AUC).
     """
 
     variants: list[str] = field(
@@ -392,8 +400,12 @@ class ProbeConfig:
     mlp_alpha: list[float] = field(default_factory=lambda: [1e-2, 1.0])
     mlp_max_iter: int = 200
     report_candidates: bool = True
+    standardize: str = "pool"
+    selection: str = "one_se"
 
     def validate(self) -> None:
+        _check(self.selection in ("one_se", "best"), "probes.selection", f"must be 'one_se' or 'best', got {self.selection!r}")
+        _check(self.standardize in ("pool", "subset"), "probes.standardize", f"must be 'pool' or 'subset', got {self.standardize!r}")
         _check(len(self.variants) > 0, "probes.variants", "must list at least one feature variant")
         for i, v in enumerate(self.variants):
             ok = v in PROBE_VARIANTS or _grid_variant(v) is not None

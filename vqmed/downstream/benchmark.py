@@ -5,10 +5,13 @@ encoder) and hands plain arrays to ``run_benchmark_on_features``, the engine, wh
 features computed any other way.
 
 Per budget and draw, one labeled subset and one set of patient-grouped folds are shared by every
-method. Each method is a set of *candidates* (feature variant x classifier); cross-validation on
-the labeled subset picks each candidate's hyper-parameters, then the candidate with the best
-out-of-fold AUC, then the decision threshold (Youden's J on its out-of-fold scores). Only then is
-the refitted model scored on the test split, which never influences any choice.
+method. Each method is a set of *candidates* (classifiers on one feature variant; ``vqvae`` also the
+CNN on the code maps, and each further variant is a method ``vqvae:VARIANT``); cross-validation on the
+labeled subset picks each candidate's hyper-parameters, then the candidate (the simplest within one
+standard error of the best out-of-fold AUC, by default), then the decision threshold (Youden's J on its
+out-of-fold scores). Only then is the refitted model scored on the test split, which never influences
+any choice. Feature scales come from the whole training split with its labels unused (the unlabeled
+archive), for every method alike.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from vqmed.config import BenchmarkConfig, to_dict
-from vqmed.downstream.features import feature_variant
+from vqmed.downstream.features import FEATURE_ARRAYS, feature_variant
 from vqmed.downstream.metrics import METRICS, StratifiedBootstrap
 from vqmed.downstream.probes import (
     ProbeFit,
@@ -37,6 +40,7 @@ from vqmed.downstream.probes import (
     make_folds,
     make_probe,
     scores_of,
+    select,
 )
 from vqmed.downstream.sampling import Budget, draw_labeled_subset, make_budgets
 
@@ -61,8 +65,7 @@ class FeatureSource:
     """Frozen features of one encoder, aligned with the rows of the benchmark's index.
 
     Args:
-        arrays: export arrays by name (``codes``, ``quantized_mean``, ``code_histogram``,
-            ``continuous_mean``; any subset), each with one row per index row.
+        arrays: export arrays by name (any of ``FEATURE_ARRAYS``), each with one row per index row.
         codebook: ``(K, D)`` codebook of the finest level (for the code-map variants and the CNN).
     """
 
@@ -115,7 +118,7 @@ def _load_inputs(cfg: BenchmarkConfig) -> tuple[Any, pd.DataFrame, dict[str, Fea
 
     store = load(cfg.export)
     index = store.index.reset_index(drop=True)
-    names = [n for n in ("codes", "quantized_mean", "code_histogram", "continuous_mean", "continuous_grid") if n in store.array_names]
+    names = [n for n in FEATURE_ARRAYS if n in store.array_names]
     sources = {"vqvae": FeatureSource({n: store.array(n) for n in names}, store.codebook)}
     spec = dict(store.meta.get("image_spec") or {})
     b = cfg.baselines
@@ -177,7 +180,7 @@ def random_encoder_features(model_name: str, model_config: dict[str, Any], image
     for start in range(0, len(images), batch_size):
         batch = torch.as_tensor(images[start:start + batch_size]).unsqueeze(1)
         parts.append(compute_features(model, batch))
-    keys = [k for k in ("codes", "quantized_mean", "code_histogram", "continuous_mean", "continuous_grid") if k in parts[0]]
+    keys = [k for k in FEATURE_ARRAYS if k in parts[0]]
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in keys}
     return FeatureSource(arrays, codebooks(model)["codebook"])
 
@@ -216,6 +219,8 @@ def run_benchmark_on_features(
     meta = dict(meta or {})
     data = _prepare(index, cfg)
     methods, skipped = _build_methods(sources, pixels, cfg, len(index))
+    if cfg.probes.standardize == "pool":
+        _standardize_on_pool(methods, data["train_rows"])
     if not methods:
         raise ValueError("nothing to benchmark: no feature source and every pixel baseline disabled or without pixels")
     budgets = make_budgets(cfg.budgets.fractions, cfg.budgets.per_class)
@@ -257,8 +262,18 @@ def run_benchmark_on_features(
             "ci_method": CI_METHOD,
             "threshold_method": "Youden's J on out-of-fold scores of the labeled subset (never the test set)",
             "selection_method": (
-                "per method, budget and draw: the candidate (feature variant x classifier) with the best pooled "
-                "out-of-fold AUC on patient-grouped folds of the labeled subset; hyper-parameters likewise"
+                "per method, budget and draw, on patient-grouped folds of the labeled subset: "
+                + (
+                    "the simplest candidate (classifier order of the config) whose pooled out-of-fold AUC is within one "
+                    "standard error (Hanley-McNeil) of the best; hyper-parameters likewise (strongest regularisation first)"
+                    if cfg.probes.selection == "one_se"
+                    else "the candidate (feature variant x classifier) with the best pooled out-of-fold AUC; hyper-parameters likewise"
+                )
+            ),
+            "standardization": (
+                "feature mean/std of the whole training split, labels unused (every method alike)"
+                if cfg.probes.standardize == "pool"
+                else "feature mean/std of the labeled subset"
             ),
             "skipped_variants": skipped,
             "cpu_seconds_per_method": {k: round(v, 1) for k, v in sorted(timings.items())},
@@ -329,22 +344,30 @@ def _build_methods(
         for key, arr in source.arrays.items():
             if len(arr) != n_rows:
                 raise ValueError(f"source {source_name!r}: array {key!r} has {len(arr)} rows, the index {n_rows}")
-        candidates = []
+        matrices: dict[str, np.ndarray] = {}
         for variant in cfg.probes.variants:
             try:
-                X = feature_variant(variant, source.arrays, source.codebook)
+                matrices[variant] = feature_variant(variant, source.arrays, source.codebook)
             except KeyError as exc:
                 skipped.setdefault(source_name, []).append(f"{variant}: {exc.args[0]}")
-                continue
-            candidates += [_Candidate(f"{variant}+{c}", c, X) for c in cfg.probes.classifiers if c in SKLEARN_PROBES]
+        # The method itself: the first available variant with every classifier, in config order (the
+        # one-standard-error rule prefers earlier, simpler ones), plus the CNN on the code maps. The other
+        # variants are methods of their own (``vqvae:code_histogram``): with a few dozen labels,
+        # cross-validation cannot tell feature designs apart, so the table compares them instead.
+        # The random encoder, a control for the method, gets the first variant only.
+        variants = list(matrices.items())
+        extra = variants[1:] if source_name != "random_encoder" else []
+        for variant, X in variants[:1] + extra:
+            name = source_name if variant == variants[0][0] else f"{source_name}:{variant}"
+            methods[name] = [_Candidate(f"{variant}+{c}", c, X) for c in cfg.probes.classifiers if c in SKLEARN_PROBES]
         if "code_cnn" in cfg.probes.classifiers:
             codes = source.arrays.get("codes")
             if codes is None or source.codebook is None or codes.ndim != 3:
                 skipped.setdefault(source_name, []).append("codes+code_cnn: needs 2D 'codes' and a codebook")
             else:
-                candidates.append(_Candidate("codes+code_cnn", "code_cnn", np.asarray(codes), source.codebook))
-        if candidates:
-            methods[source_name] = candidates
+                methods.setdefault(source_name, []).append(_Candidate("codes+code_cnn", "code_cnn", np.asarray(codes), source.codebook))
+        for name in [n for n, c in methods.items() if not c]:
+            del methods[name]  # e.g. only code_cnn asked for and the source has no code maps
     b = cfg.baselines
     if pixels is not None:
         if len(pixels) != n_rows:
@@ -357,6 +380,29 @@ def _build_methods(
         if b.cnn_scratch:
             methods["cnn_scratch"] = [_Candidate("pixels+image_cnn", "image_cnn", pixels.astype(np.float32))]
     return methods, skipped
+
+
+def _standardize_on_pool(methods: dict[str, list[_Candidate]], pool_rows: np.ndarray) -> None:
+    """Scale every scikit-learn candidate's features by the mean and standard deviation of the whole
+    training split (labels unused), in place; the probes then skip their own scaler.
+
+    This is the unlabeled archive at work: with 10 labeled images, per-feature scales estimated on
+    those 10 rows are mostly noise, while the archive gives them almost exactly. Every method gets
+    the same treatment, raw pixels included. The test split never enters the statistics.
+    """
+    # the classifiers of one variant share one matrix; the original stays referenced so its id is not reused
+    scaled: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for candidates in methods.values():
+        for cand in candidates:
+            if cand.probe not in (*SKLEARN_PROBES, "pca_logreg"):
+                continue  # the CNNs see code maps / images, not feature vectors
+            if id(cand.X) not in scaled:
+                X = cand.X.reshape(len(cand.X), -1).astype(np.float32, copy=False)
+                mean = X[pool_rows].mean(axis=0, dtype=np.float64)
+                std = X[pool_rows].std(axis=0, dtype=np.float64)
+                # constant features (e.g. a never-used code) stay 0 rather than dividing by zero
+                scaled[id(cand.X)] = (cand.X, ((X - mean) / np.where(std > 1e-8, std, 1.0)).astype(np.float32))
+            cand.X = scaled[id(cand.X)][1]
 
 
 def _derive_seed(*parts: Any) -> int:
@@ -398,10 +444,18 @@ def _run_draw(
         t0 = time.process_time()
         fits: list[tuple[ProbeFit, _Candidate]] = []
         for cand in candidates:
-            est, grid = make_probe(cand.probe, cfg.probes, cfg.cnn, rs, codebook=cand.codebook, pca_components=cfg.baselines.pca_components)
-            fits.append((fit_probe(cand.name, est, grid, cand.X[rows], y, folds, refit=False), cand))
-        # the method's answer: the best cross-validated candidate (first on ties: config order)
-        best_i = int(np.argmax([f.cv_auc for f, _ in fits]))
+            est, grid = make_probe(
+                cand.probe,
+                cfg.probes,
+                cfg.cnn,
+                rs,
+                codebook=cand.codebook,
+                pca_components=cfg.baselines.pca_components,
+                scale=cfg.probes.standardize == "subset",
+            )
+            fits.append((fit_probe(cand.name, est, grid, cand.X[rows], y, folds, refit=False, selection=cfg.probes.selection), cand))
+        # the method's answer: the candidate cross-validation chooses (config order breaks ties)
+        best_i = select([f.cv_auc for f, _ in fits], y, cfg.probes.selection)
         for i, (fit, cand) in enumerate(fits):
             is_best = i == best_i
             if not is_best and not (cfg.probes.report_candidates and len(fits) > 1):
@@ -499,7 +553,7 @@ def _summarise(records: list[dict[str, Any]], boot: StratifiedBootstrap, seed: i
         out.append(row)
 
     def order(row: dict[str, Any]) -> tuple:
-        base = row["method"].split("[")[0]
+        base = row["method"].split("[")[0].split(":")[0]
         rank = PRIMARY_ORDER.index(base) if base in PRIMARY_ORDER else len(PRIMARY_ORDER)
         return (row["candidate"], rank, row["method"], row["n_labels"])
 

@@ -6,7 +6,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-DIRECT_VARIANTS = ("quantized_mean", "code_histogram", "continuous_mean", "continuous_grid")
+DIRECT_VARIANTS = ("quantized_mean", "code_histogram", "continuous_mean", "continuous_grid", "encoder_grid")
+#: Export arrays a benchmark reads: the code maps and every directly usable variant.
+FEATURE_ARRAYS = ("codes", *DIRECT_VARIANTS)
 
 
 def parse_grid_variant(name: str) -> tuple[str, int] | None:
@@ -64,7 +66,8 @@ def feature_variant(name: str, arrays: Mapping[str, np.ndarray], codebook: np.nd
     """One named feature matrix ``(N, F)`` built from the arrays of an export.
 
     Args:
-        name: ``quantized_mean``, ``code_histogram``, ``continuous_mean``, ``continuous_grid`` (taken as exported), or
+        name: ``quantized_mean``, ``code_histogram``, ``continuous_mean``, ``continuous_grid``, ``encoder_grid``
+            (taken as exported), or
             ``codes_grid_hist_GxG`` / ``codes_grid_mean_GxG`` (from ``codes`` and ``codebook``: per
             cell the code histogram, or the mean codebook vector of the cell's codes).
         arrays: the export's arrays by name, aligned with its index.

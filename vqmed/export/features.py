@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vqmed.networks.blocks import Downsample, ResBlock
+
 __all__ = ["compute_features", "model_fingerprint", "codebooks"]
 
 # uint16 code maps hold at most this many codebook entries.
@@ -28,6 +30,14 @@ def _grid_pool(x: torch.Tensor) -> torch.Tensor:
     """Mean of ``[B, D, *spatial]`` over a ``GRID`` x ... x ``GRID`` partition -> ``[B, D, GRID, ...]``."""
     pool = nn.functional.adaptive_avg_pool3d if x.dim() == 5 else nn.functional.adaptive_avg_pool2d
     return pool(x, GRID)
+
+
+def _encoder_stages(model: nn.Module) -> list[nn.Module]:
+    """The stages of the (bottom) encoder whose activations make ``encoder_grid``: the stem, every level
+    change and every residual unit, i.e. every block but the final 1x1 projection to the code dimension
+    (a linear map of the last stage). Empty for models without a vqmed encoder (MONAI's VQVAE)."""
+    encoder = getattr(model, "encoder", None) or getattr(model, "encoder_bottom", None)
+    return [b for b in getattr(encoder, "blocks", []) if isinstance(b, (Downsample, ResBlock))]
 
 
 def _pool(x: torch.Tensor) -> torch.Tensor:
@@ -69,12 +79,26 @@ def compute_features(model: nn.Module, images: torch.Tensor) -> dict[str, np.nda
         for two-level models; ``quantized_mean`` ``(N, D)`` mean of the quantized vectors;
         ``code_histogram`` ``(N, K)`` normalised bag-of-codes; ``continuous_mean`` ``(N, D)`` mean of
         the pre-quantization features; ``continuous_grid`` ``(N, D, 4, 4[, 4])`` their mean over a 4x4(x4)
-        grid of cells (all float32).
+        grid of cells (float32); ``encoder_grid`` ``(N, S)`` float16: the activations of every encoder
+        stage before the projection to the code dimension (stem, level changes, residual units),
+        each mean-pooled on the same grid and concatenated (vqmed encoders only).
     """
     model.eval()
+    # The encoder's intermediate activations, caught on the way through the one encoder pass below:
+    # pooled on a coarse grid they are the features that carry the most for few-label probes
+    # (measured on Kermany: they beat raw pixels at every budget up to 10%, the code vectors do not).
+    stages: list[torch.Tensor] = []
+    hooks = [
+        stage.register_forward_hook(lambda _m, _i, out: stages.append(_grid_pool(out.float()).flatten(1)))
+        for stage in _encoder_stages(model)
+    ]
+    try:
+        z = model.encode(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
     # One encoder pass gives both the continuous latents and the codes; quantize() in eval mode is a
     # pure nearest-code lookup, the same one index_quantize() does.
-    z = model.encode(images)
     _, indices, _ = model.quantize(z)
     quantizers = list(model.quantizers)  # [bottom, top] for two levels
     if _levels(model) == 2:
@@ -90,6 +114,9 @@ def compute_features(model: nn.Module, images: torch.Tensor) -> dict[str, np.nda
         "continuous_mean": _pool(z_bottom.float()).cpu().numpy(),
         "continuous_grid": _grid_pool(z_bottom.float()).cpu().numpy(),
     }
+    if stages:
+        # float16 halves the store; pooled activations need no more precision for a linear probe
+        out["encoder_grid"] = torch.cat(stages, dim=1).to("cpu", torch.float16).numpy()
     if top is not None:
         top = top.long()
         k_top = int(quantizers[1].codebook.shape[0])
