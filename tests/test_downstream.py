@@ -279,6 +279,22 @@ def test_grid_variants_pool_the_code_maps(vq: FeatureSource) -> None:
         feature_variant("continuous_mean", {"codes": codes}, codebook)
 
 
+def test_encoder_stats_variant_puts_mean_and_spread_side_by_side() -> None:
+    from vqmed.config import PROBE_VARIANTS
+    from vqmed.downstream.features import COMBINED_VARIANTS, DIRECT_VARIANTS
+
+    rng = np.random.default_rng(0)
+    arrays = {"encoder_grid": rng.normal(size=(6, 32)).astype(np.float16), "encoder_grid_std": rng.random((6, 32)).astype(np.float16)}
+    stats = feature_variant("encoder_stats", arrays, None)
+    assert stats.dtype == np.float32 and stats.shape == (6, 64)
+    np.testing.assert_array_equal(stats[:, :32], arrays["encoder_grid"].astype(np.float32))
+    np.testing.assert_array_equal(stats[:, 32:], arrays["encoder_grid_std"].astype(np.float32))
+    with pytest.raises(KeyError, match="encoder_grid_std"):
+        feature_variant("encoder_stats", {"encoder_grid": arrays["encoder_grid"]}, None)
+    # the config validates against the same names the features module builds
+    assert PROBE_VARIANTS == set(DIRECT_VARIANTS) | set(COMBINED_VARIANTS)
+
+
 def test_code_map_cnn_learns_and_is_a_deterministic_sklearn_estimator(kermany: dict, vq: FeatureSource) -> None:
     tr_rows, te_rows = np.flatnonzero(kermany["train"]), np.flatnonzero(~kermany["train"])
     y, g = kermany["y"][tr_rows], kermany["groups"][tr_rows]

@@ -185,23 +185,29 @@ def test_codes_match_the_model_and_decode_exactly(exported, small_manifest, data
 
 
 def test_encoder_grid_pools_every_encoder_stage(exported, small_manifest, data_root):
-    """``encoder_grid`` = each encoder stage (stem, level change, residual units; not the 1x1 projection)
-    mean-pooled on a 4x4 grid, concatenated in order, stored as float16."""
+    """``encoder_grid`` / ``encoder_grid_std`` = each encoder stage (stem, level change, residual units; not
+    the 1x1 projection) mean- / std-pooled on a 4x4 grid, concatenated in order, stored as float16."""
     store = load(exported[0])
     first = store.index.index[:32]
     images = _images(small_manifest, data_root, store.index.loc[first, "path"].tolist())
     model = store.model().eval()
-    stages, h = [], images
+    means, stds, h = [], [], images
     with torch.no_grad():
         for block in model.encoder.blocks:
             h = block(h)
-            stages.append(torch.nn.functional.adaptive_avg_pool2d(h, 4).flatten(1))
+            # each 4x4 cell of a 16x16 stage map holds 4x4 positions: its population standard deviation
+            n, c = h.shape[:2]
+            cells = h.reshape(n, c, 4, h.shape[2] // 4, 4, h.shape[3] // 4).permute(0, 1, 2, 4, 3, 5).flatten(4)
+            means.append(cells.mean(dim=4).flatten(1))
+            stds.append(cells.std(dim=4, unbiased=False).flatten(1))
     # SMALL: stem 16 ch, residual 16, level change 32, residual 32 -> (16 + 16 + 32 + 32) x 16 cells
-    expected = torch.cat(stages[:-1], dim=1).numpy()
-    stored = store.array("encoder_grid")
-    assert stored.dtype == np.float16 and stored.shape == (300, (16 + 16 + 32 + 32) * 16)
-    np.testing.assert_allclose(stored[first].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
-    assert stored.std(axis=0).mean() > 0  # images differ: not a constant block
+    for name, stages in (("encoder_grid", means), ("encoder_grid_std", stds)):
+        expected = torch.cat(stages[:-1], dim=1).numpy()
+        stored = store.array(name)
+        assert stored.dtype == np.float16 and stored.shape == (300, (16 + 16 + 32 + 32) * 16), name
+        np.testing.assert_allclose(stored[first].astype(np.float32), expected, rtol=2e-3, atol=2e-3, err_msg=name)
+        assert stored.std(axis=0).mean() > 0, name  # images differ: not a constant block
+    assert (store.array("encoder_grid_std") >= 0).all() and store.array("encoder_grid_std").max() > 0
 
 
 def test_second_run_exports_nothing_and_changes_nothing(exported, checkpoint, small_manifest, data_root):

@@ -355,7 +355,11 @@ class BudgetConfig:
         _check(self.full_draws >= 1, "budgets.full_draws", f"must be >= 1, got {self.full_draws}")
 
 
-PROBE_VARIANTS = {"quantized_mean", "code_histogram", "continuous_mean", "continuous_grid", "encoder_grid"}
+# keep in step with vqmed.downstream.features (DIRECT_VARIANTS, COMBINED_VARIANTS): config imports no room
+PROBE_VARIANTS = {
+    "quantized_mean", "code_histogram", "continuous_mean", "continuous_grid", "encoder_grid", "encoder_grid_std",
+    "encoder_stats",
+}
 PROBE_CLASSIFIERS = {"logreg", "linsvm", "knn", "mlp", "code_cnn"}
 
 
@@ -365,7 +369,8 @@ class ProbeConfig:
 
     Args:
         variants: feature variants: ``quantized_mean``, ``code_histogram``, ``continuous_mean``, ``continuous_grid``,
-            ``encoder_grid`` (the encoder's stage activations pooled on a 4x4 grid), ``codes_grid_hist_GxG`` (a G x G grid of code histograms) and ``codes_grid_mean_GxG``
+            ``encoder_grid`` (the encoder's stage activations mean-pooled on a 4x4 grid), ``encoder_grid_std`` (their
+            standard deviation in the same cells), ``encoder_stats`` (both side by side), ``codes_grid_hist_GxG`` (a G x G grid of code histograms) and ``codes_grid_mean_GxG``
             (codebook vectors mean-pooled per cell). Variants whose arrays the export lacks are skipped.
         classifiers: ``logreg``, ``linsvm``, ``knn``, ``mlp`` (on every variant) and ``code_cnn``
             (a small CNN on the code maps, embedding initialised from the codebook), simplest first:

@@ -6,7 +6,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-DIRECT_VARIANTS = ("quantized_mean", "code_histogram", "continuous_mean", "continuous_grid", "encoder_grid")
+DIRECT_VARIANTS = (
+    "quantized_mean", "code_histogram", "continuous_mean", "continuous_grid", "encoder_grid", "encoder_grid_std",
+)
+#: Variants that concatenate export arrays: ``encoder_stats`` = per-cell mean and spread of every encoder stage.
+COMBINED_VARIANTS = {"encoder_stats": ("encoder_grid", "encoder_grid_std")}
 #: Export arrays a benchmark reads: the code maps and every directly usable variant.
 FEATURE_ARRAYS = ("codes", *DIRECT_VARIANTS)
 
@@ -66,8 +70,9 @@ def feature_variant(name: str, arrays: Mapping[str, np.ndarray], codebook: np.nd
     """One named feature matrix ``(N, F)`` built from the arrays of an export.
 
     Args:
-        name: ``quantized_mean``, ``code_histogram``, ``continuous_mean``, ``continuous_grid``, ``encoder_grid``
-            (taken as exported), or
+        name: ``quantized_mean``, ``code_histogram``, ``continuous_mean``, ``continuous_grid``, ``encoder_grid``,
+            ``encoder_grid_std`` (taken as exported), ``encoder_stats`` (``encoder_grid`` and
+            ``encoder_grid_std`` side by side), or
             ``codes_grid_hist_GxG`` / ``codes_grid_mean_GxG`` (from ``codes`` and ``codebook``: per
             cell the code histogram, or the mean codebook vector of the cell's codes).
         arrays: the export's arrays by name, aligned with its index.
@@ -76,11 +81,13 @@ def feature_variant(name: str, arrays: Mapping[str, np.ndarray], codebook: np.nd
     Raises:
         KeyError: when the export lacks what the variant needs.
     """
-    if name in DIRECT_VARIANTS:
-        if name not in arrays:
-            raise KeyError(f"variant {name!r} needs the export array {name!r}")
-        x = np.asarray(arrays[name], dtype=np.float32)
-        return x.reshape(len(x), -1)
+    if name in DIRECT_VARIANTS or name in COMBINED_VARIANTS:
+        parts = COMBINED_VARIANTS.get(name, (name,))
+        missing = [p for p in parts if p not in arrays]
+        if missing:
+            raise KeyError(f"variant {name!r} needs the export array(s) {missing}")
+        blocks = [np.asarray(arrays[p], dtype=np.float32) for p in parts]
+        return np.concatenate([b.reshape(len(b), -1) for b in blocks], axis=1)
     parsed = parse_grid_variant(name)
     if parsed is None:
         raise KeyError(f"unknown feature variant {name!r}")
