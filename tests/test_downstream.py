@@ -474,6 +474,12 @@ def test_benchmark_configs_load(name: str) -> None:
     assert cfg.budgets.draws >= 5
 
 
+def test_feature_probe_config_loads() -> None:
+    cfg = load_config(BenchmarkConfig, REPO / "configs" / "benchmark" / "pneumonia_probe.yaml")
+    assert cfg.probes.variants[0] == "encoder_stats" and cfg.probes.classifiers == ["logreg"]
+    assert max(cfg.budgets.fractions) <= 0.10 and cfg.budgets.draws >= 5
+
+
 def test_benchmark_config_rejects_bad_values(tmp_path: Path) -> None:
     path = REPO / "configs" / "benchmark" / "pneumonia.yaml"
     with pytest.raises(ConfigError, match="probes.classifiers"):
