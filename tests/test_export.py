@@ -195,19 +195,20 @@ def test_encoder_grid_pools_every_encoder_stage(exported, small_manifest, data_r
     with torch.no_grad():
         for block in model.encoder.blocks:
             h = block(h)
-            # each 4x4 cell of a 16x16 stage map holds 4x4 positions: its population standard deviation
+            # split each stage map into 4x4 cells of (H/4) x (W/4) positions: per-cell mean and population std
             n, c = h.shape[:2]
             cells = h.reshape(n, c, 4, h.shape[2] // 4, 4, h.shape[3] // 4).permute(0, 1, 2, 4, 3, 5).flatten(4)
             means.append(cells.mean(dim=4).flatten(1))
             stds.append(cells.std(dim=4, unbiased=False).flatten(1))
     # SMALL: stem 16 ch, residual 16, level change 32, residual 32 -> (16 + 16 + 32 + 32) x 16 cells
+    stored_arrays = {name: store.array(name) for name in ("encoder_grid", "encoder_grid_std")}
     for name, stages in (("encoder_grid", means), ("encoder_grid_std", stds)):
         expected = torch.cat(stages[:-1], dim=1).numpy()
-        stored = store.array(name)
+        stored = stored_arrays[name]
         assert stored.dtype == np.float16 and stored.shape == (300, (16 + 16 + 32 + 32) * 16), name
         np.testing.assert_allclose(stored[first].astype(np.float32), expected, rtol=2e-3, atol=2e-3, err_msg=name)
         assert stored.std(axis=0).mean() > 0, name  # images differ: not a constant block
-    assert (store.array("encoder_grid_std") >= 0).all() and store.array("encoder_grid_std").max() > 0
+    assert (stored_arrays["encoder_grid_std"] >= 0).all() and stored_arrays["encoder_grid_std"].max() > 0
 
 
 def test_second_run_exports_nothing_and_changes_nothing(exported, checkpoint, small_manifest, data_root):
