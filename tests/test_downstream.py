@@ -23,7 +23,9 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from vqmed.config import (
     BenchmarkConfig,
+    CNNConfig,
     ConfigError,
+    ProbeConfig,
     apply_overrides,
     from_dict,
     load_config,
@@ -318,6 +320,24 @@ def test_code_map_cnn_learns_and_is_a_deterministic_sklearn_estimator(kermany: d
         model.predict_proba(kermany["pixels"][:2])
 
 
+def test_mlp_on_principal_components_learns_from_few_labels(kermany: dict) -> None:
+    """``mlp_components`` puts a PCA, capped by the labeled rows, in front of the MLP."""
+    tr_rows, te_rows = np.flatnonzero(kermany["train"]), np.flatnonzero(~kermany["train"])
+    y, g = kermany["y"][tr_rows], kermany["groups"][tr_rows]
+    X = kermany["pixels"].reshape(len(kermany["pixels"]), -1)
+    probes = ProbeConfig(mlp_hidden=16, mlp_alpha=[1.0], mlp_max_iter=100, mlp_components=32)
+    for per_class, components in ((10, 19), (50, 32)):  # 20 labeled rows leave 19 components
+        sub = tr_rows[draw_labeled_subset(y, g, Budget("per_class", per_class), seed=0, draw=0)]
+        est, grid = make_probe("mlp", probes, CNNConfig(), random_state=0)
+        model = clone(est).set_params(**grid[0]).fit(X[sub], kermany["y"][sub])
+        assert model.named_steps["pca"].pca_.n_components_ == components
+        assert model.named_steps["clf"].coefs_[0].shape == (components, 16)
+        test_auc = roc_auc_score(kermany["y"][te_rows], model.predict_proba(X[te_rows])[:, 1])
+        assert test_auc > 0.7, (per_class, test_auc)
+    est, _ = make_probe("mlp", ProbeConfig(mlp_components=None), CNNConfig(), random_state=0)
+    assert "pca" not in est.named_steps
+
+
 def test_image_cnn_from_scratch_learns(kermany: dict) -> None:
     tr_rows, te_rows = np.flatnonzero(kermany["train"]), np.flatnonzero(~kermany["train"])
     y, g = kermany["y"][tr_rows], kermany["groups"][tr_rows]
@@ -385,11 +405,14 @@ def test_benchmark_end_to_end_writes_outputs_and_mlflow_runs(kermany: dict, vq: 
     children = {r for r, k, v in tags if k == "mlflow.parentRunId" and v == parent}
     assert {runs[c] for c in children} == {f"{m} @ {b}" for m in [*primary, "vqvae:codes_grid_mean_2x2"] for b in ("10/class", "2%")}
 
-    # same config and seed: the same AUCs (the whole run is seeded and single-threaded)
-    again = run_benchmark_on_features(kermany["index"], sources, kermany["pixels"], cfg, tmp_path / "again", verbose=False)
-    first = {(r["method"], r["budget"]): round(r["auc_mean"], 3) for r in summary["results"]}
-    second = {(r["method"], r["budget"]): round(r["auc_mean"], 3) for r in again["results"]}
+    # same config and seed: the same AUCs, draw by draw, also when two worker processes share the draws
+    # (every draw is seeded on its own and each worker runs single-threaded)
+    parallel = _tiny_cfg(jobs=2)
+    again = run_benchmark_on_features(kermany["index"], sources, kermany["pixels"], parallel, tmp_path / "again", verbose=False)
+    first = {(r["method"], r["budget"]): r["auc_per_draw"] for r in summary["results"]}
+    second = {(r["method"], r["budget"]): r["auc_per_draw"] for r in again["results"]}
     assert first == second
+    assert again["cpu_seconds"] >= sum(again["cpu_seconds_per_method"].values())  # the workers' CPU is counted
 
 
 def test_vqmed_benchmark_cli_on_an_export_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -490,3 +513,7 @@ def test_benchmark_config_rejects_bad_values(tmp_path: Path) -> None:
         load_config(BenchmarkConfig, path, ["probes.folds=3"])
     with pytest.raises(ConfigError, match="variant"):
         load_config(BenchmarkConfig, path, ["probes.variants=[codes_grid_hist_2x3]"])
+    with pytest.raises(ConfigError, match="jobs"):
+        load_config(BenchmarkConfig, path, ["jobs=0"])
+    with pytest.raises(ConfigError, match="probes.mlp_components"):
+        load_config(BenchmarkConfig, path, ["probes.mlp_components=0"])

@@ -383,6 +383,9 @@ class ProbeConfig:
         mlp_hidden: hidden units of the one-hidden-layer MLP.
         mlp_alpha: L2 penalties tried for the MLP.
         mlp_max_iter: MLP optimiser iterations.
+        mlp_components: principal components of the (standardised) features the MLP sees, capped by
+            the labeled rows; ``None`` feeds it every feature. With thousands of features and a few
+            dozen labels the components carry what an MLP can use, at a fraction of L-BFGS's cost.
         report_candidates: also report every variant x classifier candidate, not only the one selected.
         standardize: where the scikit-learn probes' feature means and standard deviations come from,
             for every method alike (raw pixels and PCA too): ``pool``, the whole training split with
@@ -404,6 +407,7 @@ class ProbeConfig:
     mlp_hidden: int = 64
     mlp_alpha: list[float] = field(default_factory=lambda: [1e-2, 1.0])
     mlp_max_iter: int = 200
+    mlp_components: int | None = None
     report_candidates: bool = True
     standardize: str = "pool"
     selection: str = "one_se"
@@ -425,6 +429,7 @@ class ProbeConfig:
         _check(len(self.knn_k) > 0 and all(k >= 1 for k in self.knn_k), "probes.knn_k", f"must be a non-empty list of ints >= 1, got {self.knn_k}")
         _check(self.mlp_hidden >= 1, "probes.mlp_hidden", "must be >= 1")
         _check(self.mlp_max_iter >= 1, "probes.mlp_max_iter", "must be >= 1")
+        _check(self.mlp_components is None or self.mlp_components >= 1, "probes.mlp_components", f"must be null or >= 1, got {self.mlp_components}")
 
 
 def _grid_variant(name: str) -> tuple[str, int] | None:
@@ -478,7 +483,9 @@ class BaselineConfig:
         pca: PCA + logistic regression on the raw pixels.
         pca_components: PCA components (capped by the labeled subset's size).
         random_encoder: the same probes on features of a randomly initialised encoder of the
-            pretrained architecture.
+            pretrained architecture (the first feature variant).
+        random_encoder_classifiers: the classifiers the random encoder's features get, chosen between
+            by the same cross-validation; ``None``: every one of ``probes.classifiers``.
         cnn_scratch: a tiny CNN trained from scratch on the labeled images.
     """
 
@@ -486,10 +493,15 @@ class BaselineConfig:
     pca: bool = True
     pca_components: int = 50
     random_encoder: bool = True
+    random_encoder_classifiers: list[str] | None = None
     cnn_scratch: bool = True
 
     def validate(self) -> None:
         _check(self.pca_components >= 1, "baselines.pca_components", "must be >= 1")
+        chosen = self.random_encoder_classifiers
+        _check(chosen is None or len(chosen) > 0, "baselines.random_encoder_classifiers", "must be null or list at least one classifier")
+        for i, c in enumerate(chosen or []):
+            _check(c in PROBE_CLASSIFIERS, f"baselines.random_encoder_classifiers[{i}]", f"must be one of {sorted(PROBE_CLASSIFIERS)}, got {c!r}")
 
 
 @dataclass
@@ -524,7 +536,9 @@ class BenchmarkConfig:
         train_split: split the labeled subsets are drawn from.
         test_split: split every method is evaluated on (never used for tuning).
         positive_label: the positive class; every other label is negative.
-        threads: torch and BLAS threads (1 keeps results bit-reproducible).
+        threads: torch and BLAS threads of each worker (1 keeps results bit-reproducible).
+        jobs: worker processes running label draws side by side; every draw has its own seeds, so
+            the results are the same for any number of jobs.
         cache_dir: image cache of the dataset loader (``None`` disables it).
     """
 
@@ -538,6 +552,7 @@ class BenchmarkConfig:
     test_split: str = "test"
     positive_label: str = "PNEUMONIA"
     threads: int = 1
+    jobs: int = 1
     cache_dir: str | None = ".vqmed_cache"
     budgets: BudgetConfig = field(default_factory=BudgetConfig)
     probes: ProbeConfig = field(default_factory=ProbeConfig)
@@ -549,6 +564,7 @@ class BenchmarkConfig:
     def validate(self) -> None:
         _check(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
         _check(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
+        _check(self.jobs >= 1, "jobs", f"must be >= 1, got {self.jobs}")
         _check(self.train_split != self.test_split, "test_split", "must differ from train_split")
         self.budgets.validate()
         self.probes.validate()

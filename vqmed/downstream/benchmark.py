@@ -228,12 +228,20 @@ def run_benchmark_on_features(
     records: list[dict[str, Any]] = []
     timings: Counter[str] = Counter()
 
-    with _limited_threads(cfg.threads), _mlflow_parent(cfg, meta, out_dir) as tracker:
-        for budget in budgets:
-            t_budget = time.perf_counter()
-            n_draws = cfg.budgets.full_draws if budget.is_full else cfg.budgets.draws
-            for draw in range(n_draws):
-                records += _run_draw(budget, draw, data, methods, boot, cfg, timings)
+    # one task per budget, draw and method (the 100% budget is one draw: its methods still run side by side)
+    tasks = [(b, d, m) for b in budgets for d in range(cfg.budgets.full_draws if b.is_full else cfg.budgets.draws) for m in methods]
+    context = _DrawContext(methods, data, boot, cfg)
+    with _limited_threads(cfg.threads), _mlflow_parent(cfg, meta, out_dir) as tracker, _draw_runner(context) as run_tasks:
+        # results come back in task order, whatever the number of jobs: a budget is logged once its last task is in
+        pending = Counter(b.name for b, _, _ in tasks)
+        worker_cpu = 0.0  # CPU seconds spent in worker processes (with jobs > 1)
+        for (budget, _, _), (draw_records, draw_timings, draw_cpu) in zip(tasks, run_tasks(tasks)):
+            records += draw_records
+            timings.update(draw_timings)
+            worker_cpu += draw_cpu if cfg.jobs > 1 else 0.0
+            pending[budget.name] -= 1
+            if pending[budget.name]:
+                continue
             budget_records = [r for r in records if r["budget"] == budget.name]
             tracker.log_budget(budget, budget_records, boot, cfg)
             if verbose:
@@ -241,9 +249,9 @@ def run_benchmark_on_features(
                 aucs = ", ".join(
                     f"{m}={np.mean([r['metrics']['auc'][0] for r in budget_records if r['method'] == m]):.3f}" for m in best
                 )
+                n_draws = len({r["draw"] for r in budget_records})
                 print(
-                    f"[benchmark] {budget.name:>8} x{n_draws} draws ({time.perf_counter() - t_budget:5.1f}s, "
-                    f"total {time.perf_counter() - t_start:6.1f}s): {aucs}",
+                    f"[benchmark] {budget.name:>8} x{n_draws} draws (total {time.perf_counter() - t_start:6.1f}s): {aucs}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -281,8 +289,8 @@ def run_benchmark_on_features(
             "config": to_dict(cfg),
         }
         summary["runtime_seconds"] = round(time.perf_counter() - t_start, 1)
-        # CPU time of this process: what the run costs on an idle machine (wall time depends on load)
-        summary["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
+        # CPU time of this process and its draw workers: what the run costs on an idle machine (wall time depends on load)
+        summary["cpu_seconds"] = round(time.process_time() - cpu_start + worker_cpu, 1)
         summary["mlflow_parent_run_id"] = tracker.run_id
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
         (out_dir / "summary.md").write_text(_markdown(summary_rows, summary))
@@ -354,13 +362,16 @@ def _build_methods(
         # one-standard-error rule prefers earlier, simpler ones), plus the CNN on the code maps. The other
         # variants are methods of their own (``vqvae:code_histogram``): with a few dozen labels,
         # cross-validation cannot tell feature designs apart, so the table compares them instead.
-        # The random encoder, a control for the method, gets the first variant only.
+        # The random encoder, a control for the method, gets the first variant only (and, if the config says
+        # so, fewer classifiers: cross-validation picks logistic regression for it at almost every budget).
         variants = list(matrices.items())
-        extra = variants[1:] if source_name != "random_encoder" else []
+        control = source_name == "random_encoder"
+        extra = variants[1:] if not control else []
+        classifiers = cfg.baselines.random_encoder_classifiers if control and cfg.baselines.random_encoder_classifiers else cfg.probes.classifiers
         for variant, X in variants[:1] + extra:
             name = source_name if variant == variants[0][0] else f"{source_name}:{variant}"
-            methods[name] = [_Candidate(f"{variant}+{c}", c, X) for c in cfg.probes.classifiers if c in SKLEARN_PROBES]
-        if "code_cnn" in cfg.probes.classifiers:
+            methods[name] = [_Candidate(f"{variant}+{c}", c, X) for c in classifiers if c in SKLEARN_PROBES]
+        if "code_cnn" in classifiers:
             codes = source.arrays.get("codes")
             if codes is None or source.codebook is None or codes.ndim != 3:
                 skipped.setdefault(source_name, []).append("codes+code_cnn: needs 2D 'codes' and a codebook")
@@ -412,8 +423,116 @@ def _derive_seed(*parts: Any) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# one draw
+# one draw, and the workers that run draws side by side
 # --------------------------------------------------------------------------------------------------
+@dataclass
+class _DrawContext:
+    """What every draw task needs besides its budget, draw and method: sent once per worker process."""
+
+    methods: dict[str, list[_Candidate]]
+    data: dict[str, np.ndarray]
+    boot: StratifiedBootstrap
+    cfg: BenchmarkConfig
+
+
+#: the context of this process's draw tasks (set by ``_draw_runner``, in the parent or in each worker).
+#: Module state because the feature matrices are hundreds of MB: they reach a worker once, as
+#: memory-mapped files, not once per task.
+_CONTEXT: _DrawContext | None = None
+
+
+def _set_context(ctx: _DrawContext | None) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx
+
+
+def _open_context(spec: dict[str, list[tuple[str, str, str, np.ndarray | None]]], data: dict[str, np.ndarray], boot: StratifiedBootstrap, cfg: BenchmarkConfig) -> None:
+    """Worker initializer: the context, its feature matrices memory-mapped from the parent's ``.npy`` files."""
+    opened: dict[str, np.ndarray] = {}
+    methods = {
+        method: [_Candidate(name, probe, opened.setdefault(path, np.load(path, mmap_mode="r")), codebook) for name, probe, path, codebook in cands]
+        for method, cands in spec.items()
+    }
+    _set_context(_DrawContext(methods, data, boot, cfg))
+
+
+def _run_task(budget: Budget, draw: int, method: str) -> tuple[list[dict[str, Any]], Counter[str], float]:
+    """One method on one draw: its records, its CPU seconds by method, and the task's CPU seconds."""
+    if _CONTEXT is None:
+        raise RuntimeError("draw task run outside _draw_runner")
+    ctx = _CONTEXT
+    t0 = time.process_time()
+    timings: Counter[str] = Counter()
+    with _limited_threads(ctx.cfg.threads):
+        records = _run_draw(budget, draw, ctx.data, {method: ctx.methods[method]}, ctx.boot, ctx.cfg, timings)
+    return records, timings, time.process_time() - t0
+
+
+@contextmanager
+def _draw_runner(ctx: _DrawContext) -> Iterator[Any]:
+    """``run(tasks)``: an iterator over ``_run_task(*task)`` in task order, on ``cfg.jobs`` processes
+    (see :func:`_largest_first`).
+
+    With ``jobs > 1`` the feature matrices go to a temporary folder as ``.npy`` files that every worker
+    memory-maps once, in its initializer (one copy in the page cache, whatever the number of workers);
+    the tasks themselves carry only a budget, a draw index and a method name.
+    """
+    jobs = ctx.cfg.jobs
+    if jobs <= 1:
+        _set_context(ctx)
+        try:
+            yield lambda tasks: (_run_task(*task) for task in tasks)
+        finally:
+            _set_context(None)
+        return
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with tempfile.TemporaryDirectory(prefix="vqmed-bench-") as tmp:
+        paths: dict[int, str] = {}
+        spec: dict[str, list[tuple[str, str, str, np.ndarray | None]]] = {}
+        for method, candidates in ctx.methods.items():
+            for cand in candidates:
+                if id(cand.X) not in paths:  # the classifiers of one variant share one matrix
+                    paths[id(cand.X)] = str(Path(tmp) / f"x{len(paths)}.npy")
+                    np.save(paths[id(cand.X)], cand.X)
+                spec.setdefault(method, []).append((cand.name, cand.probe, paths[id(cand.X)], cand.codebook))
+        # spawn, not fork: the parent has torch's and OpenMP's thread pools running
+        pool = ProcessPoolExecutor(
+            max_workers=jobs, mp_context=get_context("spawn"), initializer=_open_context, initargs=(spec, ctx.data, ctx.boot, ctx.cfg)
+        )
+        with pool:
+            yield lambda tasks: _largest_first(pool, tasks, ctx)
+
+
+def _largest_first(pool: Any, tasks: list[tuple[Budget, int, str]], ctx: _DrawContext) -> Iterator[tuple[list[dict[str, Any]], Counter[str], float]]:
+    """Submit the costliest tasks first (most labels, then most candidates), yield results in task order.
+
+    In task order the 100% budget comes last, and its single draw of the method (~4 CPU-min at 12k
+    features) would run alone at the end while the other workers idle; started first, it runs beside
+    the many small tasks. The results, and so every output, do not depend on the submission order.
+    """
+    from tqdm.auto import tqdm
+
+    classes = dict(zip(*np.unique(ctx.data["y_train"], return_counts=True)))
+
+    def cost(task: tuple[Budget, int, str]) -> tuple[int, int]:
+        budget, _, method = task
+        return sum(budget.targets(classes).values()), len(ctx.methods[method])
+
+    progress = tqdm(total=len(tasks), desc="benchmark tasks", unit="task", mininterval=5.0, file=sys.stderr)
+    futures = {}
+    for i in sorted(range(len(tasks)), key=lambda i: cost(tasks[i]), reverse=True):
+        futures[i] = pool.submit(_run_task, *tasks[i])
+        futures[i].add_done_callback(lambda _: progress.update())
+    try:
+        for i in range(len(tasks)):
+            yield futures[i].result()
+    finally:
+        progress.close()
+
+
 def _run_draw(
     budget: Budget,
     draw: int,
