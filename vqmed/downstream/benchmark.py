@@ -11,7 +11,8 @@ labeled subset picks each candidate's hyper-parameters, then the candidate (the 
 standard error of the best out-of-fold AUC, by default), then the decision threshold (Youden's J on its
 out-of-fold scores). Only then is the refitted model scored on the test split, which never influences
 any choice. Feature scales come from the whole training split with its labels unused (the unlabeled
-archive), for every method alike.
+archive), for every method alike. With ``jobs > 1`` the (budget, draw, method) tasks run in worker
+processes; each task is seeded on its own, so the outputs do not depend on the number of jobs.
 """
 
 from __future__ import annotations
