@@ -419,9 +419,7 @@ class ProbeConfig:
         for i, v in enumerate(self.variants):
             ok = v in PROBE_VARIANTS or _grid_variant(v) is not None
             _check(ok, f"probes.variants[{i}]", f"unknown variant {v!r}; use {sorted(PROBE_VARIANTS)} or codes_grid_hist_GxG / codes_grid_mean_GxG")
-        _check(len(self.classifiers) > 0, "probes.classifiers", "must list at least one classifier")
-        for i, c in enumerate(self.classifiers):
-            _check(c in PROBE_CLASSIFIERS, f"probes.classifiers[{i}]", f"must be one of {sorted(PROBE_CLASSIFIERS)}, got {c!r}")
+        _check_classifiers(self.classifiers, "probes.classifiers")
         _check(self.cv_folds >= 2, "probes.cv_folds", f"must be >= 2, got {self.cv_folds}")
         for key in ("logreg_c", "svm_c", "mlp_alpha"):
             values = getattr(self, key)
@@ -430,6 +428,12 @@ class ProbeConfig:
         _check(self.mlp_hidden >= 1, "probes.mlp_hidden", "must be >= 1")
         _check(self.mlp_max_iter >= 1, "probes.mlp_max_iter", "must be >= 1")
         _check(self.mlp_components is None or self.mlp_components >= 1, "probes.mlp_components", f"must be null or >= 1, got {self.mlp_components}")
+
+
+def _check_classifiers(names: list[str], key: str) -> None:
+    _check(len(names) > 0, key, "must list at least one classifier")
+    for i, c in enumerate(names):
+        _check(c in PROBE_CLASSIFIERS, f"{key}[{i}]", f"must be one of {sorted(PROBE_CLASSIFIERS)}, got {c!r}")
 
 
 def _grid_variant(name: str) -> tuple[str, int] | None:
@@ -498,10 +502,8 @@ class BaselineConfig:
 
     def validate(self) -> None:
         _check(self.pca_components >= 1, "baselines.pca_components", "must be >= 1")
-        chosen = self.random_encoder_classifiers
-        _check(chosen is None or len(chosen) > 0, "baselines.random_encoder_classifiers", "must be null or list at least one classifier")
-        for i, c in enumerate(chosen or []):
-            _check(c in PROBE_CLASSIFIERS, f"baselines.random_encoder_classifiers[{i}]", f"must be one of {sorted(PROBE_CLASSIFIERS)}, got {c!r}")
+        if self.random_encoder_classifiers is not None:
+            _check_classifiers(self.random_encoder_classifiers, "baselines.random_encoder_classifiers")
 
 
 @dataclass

@@ -236,10 +236,10 @@ def run_benchmark_on_features(
         # results come back in task order, whatever the number of jobs: a budget is logged once its last task is in
         pending = Counter(b.name for b, _, _ in tasks)
         worker_cpu = 0.0  # CPU seconds spent in worker processes (with jobs > 1)
-        for (budget, _, _), (draw_records, draw_timings, draw_cpu) in zip(tasks, run_tasks(tasks)):
-            records += draw_records
-            timings.update(draw_timings)
-            worker_cpu += draw_cpu if cfg.jobs > 1 else 0.0
+        for (budget, _, method), (task_records, task_cpu) in zip(tasks, run_tasks(tasks)):
+            records += task_records
+            timings[method] += task_cpu
+            worker_cpu += task_cpu if cfg.jobs > 1 else 0.0
             pending[budget.name] -= 1
             if pending[budget.name]:
                 continue
@@ -457,16 +457,15 @@ def _open_context(spec: dict[str, list[tuple[str, str, str, np.ndarray | None]]]
     _set_context(_DrawContext(methods, data, boot, cfg))
 
 
-def _run_task(budget: Budget, draw: int, method: str) -> tuple[list[dict[str, Any]], Counter[str], float]:
-    """One method on one draw: its records, its CPU seconds by method, and the task's CPU seconds."""
+def _run_task(budget: Budget, draw: int, method: str) -> tuple[list[dict[str, Any]], float]:
+    """One method on one draw: its records and the CPU seconds they took."""
     if _CONTEXT is None:
         raise RuntimeError("draw task run outside _draw_runner")
     ctx = _CONTEXT
     t0 = time.process_time()
-    timings: Counter[str] = Counter()
     with _limited_threads(ctx.cfg.threads):
-        records = _run_draw(budget, draw, ctx.data, {method: ctx.methods[method]}, ctx.boot, ctx.cfg, timings)
-    return records, timings, time.process_time() - t0
+        records = _run_draw(budget, draw, method, ctx.methods[method], ctx.data, ctx.boot, ctx.cfg)
+    return records, time.process_time() - t0
 
 
 @contextmanager
@@ -507,7 +506,7 @@ def _draw_runner(ctx: _DrawContext) -> Iterator[Any]:
             yield lambda tasks: _largest_first(pool, tasks, ctx)
 
 
-def _largest_first(pool: Any, tasks: list[tuple[Budget, int, str]], ctx: _DrawContext) -> Iterator[tuple[list[dict[str, Any]], Counter[str], float]]:
+def _largest_first(pool: Any, tasks: list[tuple[Budget, int, str]], ctx: _DrawContext) -> Iterator[tuple[list[dict[str, Any]], float]]:
     """Submit the costliest tasks first (most labels, then most candidates), yield results in task order.
 
     In task order the 100% budget comes last, and its single draw of the method (~4 CPU-min at 12k
@@ -537,12 +536,13 @@ def _largest_first(pool: Any, tasks: list[tuple[Budget, int, str]], ctx: _DrawCo
 def _run_draw(
     budget: Budget,
     draw: int,
+    method: str,
+    candidates: list[_Candidate],
     data: dict[str, np.ndarray],
-    methods: dict[str, list[_Candidate]],
     boot: StratifiedBootstrap,
     cfg: BenchmarkConfig,
-    timings: Counter[str],
 ) -> list[dict[str, Any]]:
+    """One method on one labeled draw: the selected candidate's record (and every candidate's, if asked)."""
     sub = draw_labeled_subset(data["y_train"], data["groups_train"], budget, cfg.seed, draw)
     rows = data["train_rows"][sub]
     y = data["y_train"][sub]
@@ -560,42 +560,39 @@ def _run_draw(
         "n_folds": len(folds),
     }
     out = []
-    for method, candidates in methods.items():
-        t0 = time.process_time()
-        fits: list[tuple[ProbeFit, _Candidate]] = []
-        for cand in candidates:
-            est, grid = make_probe(
-                cand.probe,
-                cfg.probes,
-                cfg.cnn,
-                rs,
-                codebook=cand.codebook,
-                pca_components=cfg.baselines.pca_components,
-                scale=cfg.probes.standardize == "subset",
-            )
-            fits.append((fit_probe(cand.name, est, grid, cand.X[rows], y, folds, refit=False, selection=cfg.probes.selection), cand))
-        # the method's answer: the candidate cross-validation chooses (config order breaks ties)
-        best_i = select([f.cv_auc for f, _ in fits], y, cfg.probes.selection)
-        for i, (fit, cand) in enumerate(fits):
-            is_best = i == best_i
-            if not is_best and not (cfg.probes.report_candidates and len(fits) > 1):
-                continue  # never refitted: only the selected candidate needs a final model
-            model = fit.refit(cand.X[rows], y)
-            scores = scores_of(model, cand.X[data["test_rows"]])
-            metrics, auc_boot = boot.evaluate(scores, fit.threshold)
-            record = {
-                **base,
-                "cv_auc": fit.cv_auc,
-                "threshold": fit.threshold,
-                "params": fit.params,
-                "metrics": metrics,
-                "auc_boot": auc_boot,
-            }
-            if is_best:
-                out.append({**record, "method": method, "selected": fit.name, "candidate": False})
-            if cfg.probes.report_candidates and len(fits) > 1:
-                out.append({**record, "method": f"{method}[{fit.name}]", "selected": fit.name, "candidate": True})
-        timings[method] += time.process_time() - t0
+    fits: list[tuple[ProbeFit, _Candidate]] = []
+    for cand in candidates:
+        est, grid = make_probe(
+            cand.probe,
+            cfg.probes,
+            cfg.cnn,
+            rs,
+            codebook=cand.codebook,
+            pca_components=cfg.baselines.pca_components,
+            scale=cfg.probes.standardize == "subset",
+        )
+        fits.append((fit_probe(cand.name, est, grid, cand.X[rows], y, folds, refit=False, selection=cfg.probes.selection), cand))
+    # the method's answer: the candidate cross-validation chooses (config order breaks ties)
+    best_i = select([f.cv_auc for f, _ in fits], y, cfg.probes.selection)
+    for i, (fit, cand) in enumerate(fits):
+        is_best = i == best_i
+        if not is_best and not (cfg.probes.report_candidates and len(fits) > 1):
+            continue  # never refitted: only the selected candidate needs a final model
+        model = fit.refit(cand.X[rows], y)
+        scores = scores_of(model, cand.X[data["test_rows"]])
+        metrics, auc_boot = boot.evaluate(scores, fit.threshold)
+        record = {
+            **base,
+            "cv_auc": fit.cv_auc,
+            "threshold": fit.threshold,
+            "params": fit.params,
+            "metrics": metrics,
+            "auc_boot": auc_boot,
+        }
+        if is_best:
+            out.append({**record, "method": method, "selected": fit.name, "candidate": False})
+        if cfg.probes.report_candidates and len(fits) > 1:
+            out.append({**record, "method": f"{method}[{fit.name}]", "selected": fit.name, "candidate": True})
     return out
 
 
