@@ -37,7 +37,7 @@ from monai.networks.nets import VQVAE as MonaiVQVAE
 from vqmed.data import ImageDataset, ImageSpec, read_manifest, resolve_data_root
 from vqmed.export import compute_features, export_manifest
 from vqmed.networks import build_model
-from vqmed.training.checkpoint import save_checkpoint
+from vqmed.models_io.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 128

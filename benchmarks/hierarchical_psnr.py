@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vqmed.networks import build_model
+from vqmed.networks import build_model, vqvae_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,13 +68,12 @@ def train(
                 complete = False
                 break
             x = train_x[idx]
-            recon, qlosses, _ = model(x)
-            rec = F.mse_loss(recon, x)
+            loss, terms, _ = vqvae_loss(model, x)
             opt.zero_grad()
-            (rec + sum(qlosses.values())).backward()
+            loss.backward()
             opt.step()
             steps += 1
-            losses.append(rec.item())
+            losses.append(terms["recon_mse"].item())
         if complete:
             epochs += 1
             stats = [q.stats() for q in model.quantizers]  # usage over the last complete epoch

@@ -14,7 +14,7 @@ Sections of the table and of the JSON:
   config says, for both contenders). Warm-up steps are not timed. Each contender runs in its own
   process; rounds alternate the order (vqmed first, then the baseline first, ...) so both see the
   same load on a shared machine. Ratio = vqmed / baseline.
-* ``psnr``: the real trainer (``vqmed.training.loop.Trainer(cfg).run()``, what ``pretrain(cfg)`` does)
+* ``psnr``: the real trainer (``vqmed.training.engine.Trainer(cfg).run()``, what ``pretrain(cfg)`` does)
   on ``cxr_128.yaml`` with ``train.max_minutes=--minutes`` for each contender (the baseline via
   ``model.name=monai_vqvae`` and the parameters above), same seed, same data, same validation images
   (their paths are hashed in the JSON); validation PSNR (MONAI's ``PSNRMetric``) after the same budget.
@@ -123,7 +123,7 @@ def prepared_model(spec: dict[str, Any]):
     import torch
 
     from vqmed.networks import build_model
-    from vqmed.training.loop import model_arguments
+    from vqmed.training.control import model_arguments
 
     cfg = load_cfg(Path(spec["config"]), spec["overrides"])
     device = spec["device"]
@@ -190,7 +190,8 @@ def train_speed(spec: dict[str, Any], images) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from vqmed.training.loop import lr_at
+    from vqmed.networks import vqvae_loss
+    from vqmed.training.control import lr_at
 
     device = spec["device"]
     cfg, model, net, autocast, channels_last, settings = prepared_model(spec)
@@ -202,12 +203,10 @@ def train_speed(spec: dict[str, Any], images) -> dict[str, Any]:
     losses: list[float] = []
 
     def step(batch) -> None:
-        # The Trainer's _train_step (vqmed/training/loop.py) on batches already in memory.
+        # The Trainer's _train_step (vqmed/training/engine.py) on batches already in memory.
         x = to_device(batch, device, channels_last)
         with autocast():
-            reconstruction, parts, _ = net(x)
-            recon_loss = nn.functional.mse_loss(reconstruction.float(), x.float())
-            loss = recon_loss + sum(parts.values())
+            loss, parts, _ = vqvae_loss(net, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip:
@@ -272,7 +271,7 @@ def worker_speed(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _val_fingerprint(cfg, manifest) -> tuple[int, str]:
     """Number and SHA-256 of the validation image paths the Trainer holds out (same rule, same seed)."""
-    from vqmed.training.loop import split_by_patient
+    from vqmed.data import split_by_patient
 
     _, val_rows = split_by_patient(manifest, cfg.data.val_fraction, cfg.seed)
     paths = sorted(val_rows["path"].astype(str))
@@ -280,10 +279,10 @@ def _val_fingerprint(cfg, manifest) -> tuple[int, str]:
 
 
 def worker_psnr(spec: dict[str, Any]) -> dict[str, Any]:
-    from vqmed.training.loop import Trainer
+    from vqmed.training.engine import Trainer
 
     cfg = load_cfg(Path(spec["config"]), spec["overrides"])
-    trainer = Trainer(cfg, resume=False)  # exactly what vqmed.training.loop.pretrain(cfg) does
+    trainer = Trainer(cfg, resume=False)  # exactly what vqmed.training.pretrain(cfg) does
     n_val, val_hash = _val_fingerprint(cfg, trainer.manifest)
     assert n_val == len(trainer.val_set), "validation split differs from the Trainer's"
     start = time.perf_counter()
@@ -344,8 +343,8 @@ def worker_data(spec: dict[str, Any]) -> dict[str, Any]:
 
 def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
     """A real short pretraining run; the Trainer's per-epoch share of step time spent waiting for data."""
-    from vqmed.training.checkpoint import load_checkpoint
-    from vqmed.training.loop import Trainer
+    from vqmed.models_io.checkpoint import load_checkpoint
+    from vqmed.training.engine import Trainer
 
     cfg = load_cfg(Path(spec["config"]), spec["wait_overrides"])
     summary = Trainer(cfg, resume=False).run()

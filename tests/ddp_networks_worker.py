@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
-from vqmed.networks import build_model
+from vqmed.networks import build_model, vqvae_loss
 
 SMALL = dict(
     channels=(16, 32),
@@ -71,12 +70,11 @@ def main() -> None:
         losses, batch_means = [], []
         for _ in range(args.steps):
             x = images[torch.randint(len(images), (args.batch,), generator=g)]
-            recon, qlosses, _ = ddp(x)
-            rec = F.mse_loss(recon, x)
+            loss, terms, _ = vqvae_loss(ddp, x)
             opt.zero_grad()
-            (rec + sum(qlosses.values())).backward()
+            loss.backward()
             opt.step()
-            losses.append(rec.item())
+            losses.append(terms["recon_mse"].item())
             batch_means.append(x.mean().item())
         torch.save(
             {

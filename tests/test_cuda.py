@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from vqmed.config import PretrainConfig, load_config
-from vqmed.training.checkpoint import latest_checkpoint, load_checkpoint
+from vqmed.models_io.checkpoint import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("VQMED_DATA_ROOT", ROOT.parent / "shared" / "data"))
@@ -58,7 +58,7 @@ def cuda_config(tmp: Path, cache: Path, epochs: int) -> PretrainConfig:
 @pytest.fixture(scope="module")
 def cuda_run(tmp_path_factory, pinned_salt_and_threads) -> dict:
     """Two epochs on the GPU: the run's folders, summary, metric history and what the Trainer set up."""
-    from vqmed.training.loop import Trainer
+    from vqmed.training.engine import Trainer
 
     tmp, cache = tmp_path_factory.mktemp("cuda"), tmp_path_factory.mktemp("cuda-cache")
     with pinned_salt_and_threads("cuda-test"):
@@ -94,7 +94,7 @@ def test_loss_falls_and_codebook_is_used(cuda_run):
 
 
 def test_checkpoint_saved_and_resumable(cuda_run, pinned_salt_and_threads):
-    from vqmed.training.loop import Trainer
+    from vqmed.training.engine import Trainer
 
     tmp, cache, summary = cuda_run["tmp"], cuda_run["cache"], cuda_run["summary"]
     state, _ = latest_checkpoint(tmp / "run" / "checkpoints")

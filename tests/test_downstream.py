@@ -424,7 +424,7 @@ def test_vqmed_benchmark_cli_on_an_export_store(tmp_path: Path, monkeypatch: pyt
     from vqmed.data import read_manifest
     from vqmed.export import export_manifest
     from vqmed.networks import build_model
-    from vqmed.training.checkpoint import save_checkpoint
+    from vqmed.models_io.checkpoint import save_checkpoint
 
     monkeypatch.setenv("VQMED_ID_SALT", "vqmed-test-salt")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

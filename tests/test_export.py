@@ -22,9 +22,9 @@ import torch
 
 from vqmed.data import ImageDataset, ImageSpec, build_manifest, read_manifest, resolve_data_root
 from vqmed.export import StoreError, compute_features, export_manifest, load
-from vqmed.networks import build_model
-from vqmed.training import CheckpointError
-from vqmed.training.checkpoint import save_checkpoint
+from vqmed.networks import build_model, vqvae_loss
+from vqmed.models_io import CheckpointError
+from vqmed.models_io.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 KERMANY = ROOT / "data_manifests" / "chest_xray.csv"
@@ -83,8 +83,7 @@ def checkpoint(small_manifest, data_root, tmp_path_factory) -> Path:
     model.train()
     for step in range(30):
         batch = images[(step * 16) % len(images):][:16]
-        recon, losses, _ = model(batch)
-        loss = torch.nn.functional.mse_loss(recon, batch) + sum(losses.values())
+        loss, _, _ = vqvae_loss(model, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

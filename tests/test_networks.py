@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vqmed.networks import VQVAE, VQVAE2, VectorQuantizer, build_model
+from vqmed.networks import VQVAE, VQVAE2, VectorQuantizer, build_model, vqvae_loss
 
 DATA_ROOT = Path(os.environ.get("VQMED_DATA_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -71,12 +71,11 @@ def train_steps(model, images: torch.Tensor, steps: int, batch: int = 16, lr: fl
     losses = []
     for _ in range(steps):
         x = images[torch.randint(len(images), (batch,), generator=g)]
-        recon, qlosses, _ = model(x)
-        rec = F.mse_loss(recon, x)
+        loss, terms, _ = vqvae_loss(model, x)
         opt.zero_grad()
-        (rec + sum(qlosses.values())).backward()
+        loss.backward()
         opt.step()
-        losses.append(rec.item())
+        losses.append(terms["recon_mse"].item())
     return losses
 
 
@@ -316,12 +315,12 @@ def test_3d_vqvae_trains_on_mni152_volume():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
-        recon, q, idx = model(vol)
-        rec = F.mse_loss(recon, vol)
+        loss, terms, _ = vqvae_loss(model, vol)
         opt.zero_grad()
-        (rec + sum(q.values())).backward()
+        loss.backward()
         opt.step()
-        losses.append(rec.item())
+        losses.append(terms["recon_mse"].item())
+    idx = model.index_quantize(vol)
     assert idx.shape == (1, 16, 16, 16) and model.latent_shape((64, 64, 64)) == (16, 16, 16)
     assert losses[-1] < 0.5 * losses[0]
     assert model.quantizer.stats()["usage_fraction"] > 0.3
@@ -342,12 +341,11 @@ def usage_run(restart: int | None, n_images: int, epochs: int, seconds: float, p
         losses = []
         for idx in torch.randperm(n_images, generator=g).split(32):
             x = images[idx]
-            recon, q, _ = model(x)
-            rec = F.mse_loss(recon, x)
+            loss, terms, _ = vqvae_loss(model, x)
             opt.zero_grad()
-            (rec + sum(q.values())).backward()
+            loss.backward()
             opt.step()
-            losses.append(rec.item())
+            losses.append(terms["recon_mse"].item())
         epoch_losses.append(float(np.mean(losses)))
         if time.monotonic() - start > seconds and epoch >= 1:
             break

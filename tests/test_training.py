@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from vqmed.training.checkpoint import latest_checkpoint, load_checkpoint
+from vqmed.models_io.checkpoint import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("VQMED_DATA_ROOT", ROOT.parent / "shared" / "data"))

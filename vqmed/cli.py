@@ -52,7 +52,7 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from vqmed.config import PretrainConfig, load_config
-    from vqmed.training.loop import pretrain
+    from vqmed.training import pretrain
 
     overrides = list(args.set or [])
     if args.out:
@@ -168,7 +168,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("vqmed.data", "ManifestError"),
         ("vqmed.data", "UnreadableImageError"),
-        ("vqmed.training.checkpoint", "CheckpointError"),
+        ("vqmed.models_io", "CheckpointError"),
+        ("vqmed.tracking", "TrackingServerError"),
     ):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))

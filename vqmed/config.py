@@ -85,6 +85,27 @@ MODEL_NAMES = {"vqvae", "vqvae2", "monai_vqvae"}
 
 
 @dataclass
+class ObjectiveConfig:
+    """What pretraining minimises, chosen by name, with its parameters.
+
+    Args:
+        name: a registered objective (``vqmed.training.objectives.OBJECTIVES``): ``reconstruction`` (the
+            VQ-VAE loss), ``vicreg`` (VQ-VAE loss + VICReg between two augmented views) or ``masked``
+            (reconstruct the whole image from a patch-masked copy).
+        params: the objective's parameters (see its ``Params`` dataclass); unknown keys are errors.
+    """
+
+    name: str = "reconstruction"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        # The registry is the one home of the names and parameters (imported here, not copied).
+        from vqmed.training.objectives import objective_params
+
+        objective_params(self.name, self.params)
+
+
+@dataclass
 class TrainConfig:
     """The optimisation loop.
 
@@ -165,12 +186,14 @@ class PretrainConfig:
     out: str = "runs/pretrain"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         self.data.validate()
         self.model.validate()
+        self.objective.validate()
         self.train.validate()
 
 

@@ -21,8 +21,8 @@ import torch
 import yaml
 
 from vqmed.data import ImageDataset, ImageSpec, read_manifest, resolve_data_root
-from vqmed.networks import build_model
-from vqmed.training.checkpoint import save_checkpoint
+from vqmed.networks import build_model, vqvae_loss
+from vqmed.models_io.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_ROOT = Path(os.environ.get("VQMED_DATA_ROOT", REPO.parent / "shared" / "data"))
@@ -126,8 +126,7 @@ def small_checkpoint(kermany, data_root, tmp_path_factory) -> Path:
     model.train()
     for step in range(20):
         batch = images[(step * 16) % len(images):][:16]
-        recon, losses, _ = model(batch)
-        loss = torch.nn.functional.mse_loss(recon, batch) + sum(losses.values())
+        loss, _, _ = vqvae_loss(model, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -21,8 +21,8 @@ import torch
 
 from vqmed.cli import main as vqmed_main
 from vqmed.export import export_manifest, load
-from vqmed.training import checkpoint as ckpt_module
-from vqmed.training.checkpoint import LAST, PREVIOUS, CheckpointError, latest_checkpoint, load_checkpoint
+from vqmed.models_io import checkpoint as ckpt_module
+from vqmed.models_io.checkpoint import LAST, PREVIOUS, CheckpointError, latest_checkpoint, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 KERMANY = REPO / "data_manifests" / "chest_xray.csv"

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from vqmed.training.checkpoint import LAST, PREVIOUS, CheckpointError, latest_checkpoint, load_checkpoint
+from vqmed.models_io.checkpoint import LAST, PREVIOUS, CheckpointError, latest_checkpoint, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 KERMANY = REPO / "data_manifests" / "chest_xray.csv"
@@ -110,8 +110,8 @@ def killed_run(tmp_path_factory, data_root, make_config, env_for_child):
             state, used = latest_checkpoint(ckpt)
             truncated = {"error": str(info.value), "fallback": used.name, "fallback_step": int(state["step"])}
     # What a kill inside a write leaves (if none of the kills above landed there): temporary files.
-    (ckpt / ".last.pt.tmp-999999").write_bytes(b"half a checkpoint")
-    (tmp / "run" / ".summary.json.tmp-999999").write_text('{"half": ')
+    (ckpt / ".tmp-999999-0a1b2c3d-last.pt").write_bytes(b"half a checkpoint")
+    (tmp / "run" / ".tmp-999999-0a1b2c3d-summary.json").write_text('{"half": ')
     final_log = tmp / "final.log"
     result = subprocess.run([sys.executable, "-m", "vqmed", "pretrain", "--config", str(config), "--resume"],
                             cwd=REPO, env=env_for_child(), capture_output=True, text=True, check=False, timeout=300)

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vqmed.config import ConfigError
-from vqmed.training.loop import check_tracking_server
+from vqmed.tracking import TrackingServerError, check_tracking_server
 
 KERMANY = Path(__file__).resolve().parents[2] / "data_manifests" / "chest_xray.csv"
 
@@ -54,7 +53,7 @@ def test_server_that_accepts_but_never_answers_times_out(tmp_path):
         listener.listen(8)
         uri = f"http://user:secret@127.0.0.1:{listener.getsockname()[1]}/mlflow"
         start = time.monotonic()
-        with pytest.raises(ConfigError, match="not reachable") as info:
+        with pytest.raises(TrackingServerError, match="not reachable") as info:
             check_tracking_server(uri, timeout=1.0)
         assert time.monotonic() - start < 10
     assert "secret" not in str(info.value) and "http://127.0.0.1:" in str(info.value)  # no credentials printed

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from vqmed.cli import main as vqmed_main
-from vqmed.training import CheckpointError, load_model
-from vqmed.training.checkpoint import FORMAT, LAST, PREVIOUS, latest_checkpoint, load_checkpoint
+from vqmed.models_io import CheckpointError, load_model
+from vqmed.models_io.checkpoint import FORMAT, LAST, PREVIOUS, latest_checkpoint, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 

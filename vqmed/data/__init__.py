@@ -2,7 +2,7 @@
 
 Owns the data root rule, manifests (build / read / write / check; paths relative to the data root,
 DICOM ids as salted hashes), DICOM handling (pydicom + pylibjpeg, VOI LUT, MONOCHROME1 inversion),
-the MONAI transform chains, the cached :class:`ImageDataset` with its quarantine of unreadable files,
+patient-grouped splits, the MONAI transform chains, the cached :class:`ImageDataset` with its quarantine of unreadable files,
 and previews. Knows nothing of models or training.
 """
 
@@ -18,6 +18,7 @@ from vqmed.data.manifest import (
     write_manifest,
 )
 from vqmed.data.preview import preview_files
+from vqmed.data.splits import load_manifests, patient_groups, split_by_patient
 from vqmed.data.transforms import ImageSpec, load_image
 
 __all__ = [
@@ -32,8 +33,11 @@ __all__ = [
     "build_manifest",
     "check_manifest",
     "load_image",
+    "load_manifests",
+    "patient_groups",
     "preview_files",
     "read_manifest",
     "resolve_data_root",
+    "split_by_patient",
     "write_manifest",
 ]

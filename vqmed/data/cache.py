@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from vqmed.atomic import atomic_write_text, commit_temporary, remove_stale_temporaries, temporary_path
 from vqmed.data.transforms import ImageSpec
 
 try:
@@ -63,7 +63,7 @@ class CacheStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         info = self.dir / "spec.json"
         if not info.exists():
-            _atomic_write_text(info, json.dumps({"spec": spec.__dict__, "key": spec.key()}, indent=1))
+            atomic_write_text(info, json.dumps({"spec": spec.__dict__, "key": spec.key()}, indent=1))
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -101,12 +101,11 @@ class CacheStore:
     def remove_stale_temporaries(self) -> None:
         """Delete half-written chunks of crashed builders; call only while holding :meth:`lock`
         (every chunk writer holds it, so any temporary chunk seen then is abandoned)."""
-        for tmp in self.dir.glob(".tmp-*.npy"):
-            tmp.unlink(missing_ok=True)
+        remove_stale_temporaries(self.dir, suffix=".npy")
 
     def new_chunk(self, n: int) -> tuple[np.memmap, Path]:
         """A writable memory-mapped ``.npy`` of ``n`` images under a temporary name."""
-        tmp = self.dir / f".tmp-{uuid.uuid4().hex}.npy"
+        tmp = temporary_path(self.dir / "chunk.npy")
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *self.spec.shape))
         return arr, tmp
 
@@ -115,16 +114,10 @@ class CacheStore:
         arr.flush()
         del arr
         name = f"chunk-{uuid.uuid4().hex}"
-        os.replace(tmp, self.dir / f"{name}.npy")
-        _atomic_write_text(self.dir / f"{name}.keys.json", json.dumps(keys))
+        commit_temporary(tmp, self.dir / f"{name}.npy")
+        atomic_write_text(self.dir / f"{name}.keys.json", json.dumps(keys))
         return f"{name}.npy"
 
     def open(self, chunk: str) -> np.ndarray:
         """Read-only memory map of a chunk."""
         return np.load(self.dir / chunk, mmap_mode="r")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -60,7 +60,10 @@ class ImageDataset(Dataset):
         data_root: folder that manifest paths are relative to.
         spec: output size / dimensionality / channels.
         cache_dir: cache folder (``None`` = keep the decoded images in memory only).
-        augment: apply mild random MONAI augmentation in ``__getitem__`` (pretraining).
+        augment: apply random MONAI augmentation in ``__getitem__`` (pretraining).
+        views: augmented views per image (an invariance objective asks for 2): with more than one,
+            ``ds[i]["image"]`` is ``[views, C, *spatial]``, every view drawn independently from one decode.
+        augmentation: the chain of :func:`vqmed.data.transforms.augment_transform` (``mild``, ``views``).
         fail_fast: raise :class:`UnreadableImageError` at the first bad file instead of quarantining.
         progress: show tqdm bars (also off when the ``CI`` environment variable is set).
         max_pixels: refuse files whose header declares more pixels than this, before decoding.
@@ -83,6 +86,8 @@ class ImageDataset(Dataset):
         progress: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         allow_outside_root: bool = False,
+        views: int = 1,
+        augmentation: str = "mild",
     ) -> None:
         if "path" not in manifest.columns:
             raise ValueError("manifest has no 'path' column")
@@ -141,7 +146,10 @@ class ImageDataset(Dataset):
         self._chunk_of = np.asarray(chunk_of, dtype=np.int32)
         self._slot_of = np.asarray(slot_of, dtype=np.int64)
         self.stats["kept"] = len(kept)
-        self._augment_tf = augment_transform(spec) if augment else None
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        self.views = int(views)
+        self._augment_tf = augment_transform(spec, augmentation) if augment else None
         self._augment_epoch = (0, 0)
 
     # ------------------------------------------------------------------ construction helpers
@@ -231,11 +239,18 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         img = torch.from_numpy(from_uint8(self._array(int(self._chunk_of[i]))[self._slot_of[i]]))
-        if self._augment_tf is not None:
-            seed, epoch = self._augment_epoch
-            self._augment_tf.set_random_state(seed=int(np.random.SeedSequence([seed, epoch, int(i)]).generate_state(1)[0]))
-            img = self._augment_tf({"image": img})["image"].clamp_(0.0, 1.0)
+        if self.views == 1:
+            img = self._augmented(img, [int(i)])
+        else:
+            img = torch.stack([self._augmented(img, [int(i), v]) for v in range(self.views)])
         return {"image": img, "row": int(self.rows[i])}
+
+    def _augmented(self, img: torch.Tensor, key: list[int]) -> torch.Tensor:
+        if self._augment_tf is None:
+            return img
+        seed, epoch = self._augment_epoch
+        self._augment_tf.set_random_state(seed=int(np.random.SeedSequence([seed, epoch, *key]).generate_state(1)[0]))
+        return self._augment_tf({"image": img})["image"].clamp_(0.0, 1.0)
 
 
 def _frames(manifest: pd.DataFrame) -> list[int | None]:

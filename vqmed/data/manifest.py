@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vqmed.atomic import atomic_write_text
 from vqmed.data import dicom
 from vqmed.data.errors import DataRootError, ManifestError, UnreadableImageError
 from vqmed.data.privacy import resolve_salt
@@ -312,9 +313,7 @@ def write_manifest(df: pd.DataFrame, path: Path) -> None:
     out = _normalise(df)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    out.to_csv(tmp, index=False, encoding="utf-8", lineterminator="\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, out.to_csv(index=False, lineterminator="\n"))
 
 
 def read_manifest(path: Path) -> pd.DataFrame:

@@ -8,9 +8,10 @@ Deterministic chain (cached by :class:`vqmed.data.ImageDataset`)::
     ScaleIntensityd    per-image min-max to [0, 1]
     EnsureTyped        plain float32 numpy, no MONAI metadata
 
-Augmentation chain (pretraining only, applied on top of the cached image): small RandAffined,
-RandAdjustContrastd, RandGaussianNoised, then clamped to [0, 1]. No flips: left/right matters
-in chest radiographs (heart side).
+Augmentation chains (pretraining only, applied on top of the cached image, then clamped to [0, 1]):
+``mild`` (small RandAffined, RandAdjustContrastd, RandGaussianNoised) for reconstruction, ``views`` (zoom,
+shift, rotation, intensity, blur, noise) for the two views of an invariance objective. No flips:
+left/right matters in chest radiographs (heart side).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from monai.transforms import (
     RandAdjustContrastd,
     RandAffined,
     RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
     Resized,
     ScaleIntensityd,
 )
@@ -166,9 +170,43 @@ def deterministic_transform(spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
     )
 
 
-def augment_transform(spec: ImageSpec) -> Compose:
-    """Mild random augmentation for pretraining, on a float tensor already in [0, 1]."""
+AUGMENTATIONS = ("mild", "views")
+
+
+def augment_transform(spec: ImageSpec, name: str = "mild") -> Compose:
+    """Random augmentation for pretraining, on a float tensor already in [0, 1].
+
+    Args:
+        spec: what the model sees.
+        name: ``mild`` (small affine, gamma, noise: reconstruction keeps the image as it is) or ``views``
+            (the two views of an invariance objective: up to +-25% zoom and 8% shift, which crops or pads
+            like a random resized crop, +-10 degrees, stronger gamma / contrast / brightness, blur and
+            noise). Never a flip: left and right matter on a chest film.
+    """
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {name!r}")
     nd = spec.spatial_dims
+    if name == "views":
+        rot = math.radians(10.0)
+        return Compose(
+            [
+                RandAffined(
+                    "image",
+                    prob=1.0,
+                    rotate_range=(rot,) if nd == 2 else (rot, rot, rot),
+                    scale_range=(0.25,) * nd,
+                    translate_range=(0.08 * spec.image_size,) * nd,
+                    mode="bilinear",
+                    padding_mode="border",
+                ),
+                RandAdjustContrastd("image", prob=0.8, gamma=(0.7, 1.4)),
+                RandScaleIntensityd("image", prob=0.5, factors=0.2),
+                RandShiftIntensityd("image", prob=0.5, offsets=0.1),
+                RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+                RandGaussianNoised("image", prob=0.3, mean=0.0, std=0.02),
+                EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
+            ]
+        )
     rot = math.radians(5.0)
     return Compose(
         [

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 
 import numpy as np
 import torch
 from torch import nn
 
-from vqmed.networks.blocks import Downsample, ResBlock
-
-__all__ = ["compute_features", "model_fingerprint", "codebooks"]
+__all__ = ["compute_features", "codebooks", "codebook_hash"]
 
 # uint16 code maps hold at most this many codebook entries.
 MAX_CODES = np.iinfo(np.uint16).max + 1
@@ -39,14 +36,6 @@ def _grid_mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean = _grid_pool(x)
     var = (_grid_pool(x * x) - mean * mean).clamp_min(0.0)
     return mean.flatten(1), var.sqrt().flatten(1)
-
-
-def _encoder_stages(model: nn.Module) -> list[nn.Module]:
-    """The stages of the (bottom) encoder whose activations make ``encoder_grid``: the stem, every level
-    change and every residual unit, i.e. every block but the final 1x1 projection to the code dimension
-    (a linear map of the last stage). Empty for models without a vqmed encoder (MONAI's VQVAE)."""
-    encoder = getattr(model, "encoder", None) or getattr(model, "encoder_bottom", None)
-    return [b for b in getattr(encoder, "blocks", []) if isinstance(b, (Downsample, ResBlock))]
 
 
 def _pool(x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +89,7 @@ def compute_features(model: nn.Module, images: torch.Tensor) -> dict[str, np.nda
     stages: list[tuple[torch.Tensor, torch.Tensor]] = []
     hooks = [
         stage.register_forward_hook(lambda _m, _i, out: stages.append(_grid_mean_std(out.float())))
-        for stage in _encoder_stages(model)
+        for stage in model.feature_stages()
     ]
     try:
         z = model.encode(images)
@@ -140,27 +129,6 @@ def codebooks(model: nn.Module) -> dict[str, np.ndarray]:
     """The codebook(s) as float32 arrays: ``codebook`` (finest level) and ``codebook_top`` (two levels)."""
     books = [q.codebook.detach().float().cpu().numpy().copy() for q in model.quantizers]
     return dict(zip(("codebook", "codebook_top"), books))
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def model_fingerprint(model: nn.Module, model_name: str, model_config: dict) -> str:
-    """Model id: SHA-256 (first 16 hex digits) of the architecture and every weight and buffer.
-
-    Two checkpoints with identical weights share an id wherever they live; any changed weight or
-    codebook entry gives a new id, so a store never mixes codes of two models.
-    """
-    h = hashlib.sha256()
-    h.update(model_name.encode())
-    h.update(json.dumps(model_config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        h.update(_tensor_bytes(tensor))
-    return h.hexdigest()[:16]
 
 
 def codebook_hash(books: dict[str, np.ndarray]) -> str:

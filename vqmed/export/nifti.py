@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from vqmed.atomic import commit_temporary, temporary_path
 from vqmed.data import ImageSpec
-from vqmed.export.store import TMP_PREFIX
 
 __all__ = ["latent_affine", "NiftiWriter"]
 
@@ -85,7 +84,11 @@ class NiftiWriter:
         image.set_qform(grid, code=code)
         image.header.set_xyzt_units("mm")
         target = self.directory / f"{key}.nii.gz"
-        tmp = self.directory / f"{TMP_PREFIX}{os.getpid()}-{key}.nii.gz"
-        nib.save(image, tmp)
-        os.replace(tmp, target)
+        tmp = temporary_path(target)
+        try:
+            nib.save(image, tmp)
+            commit_temporary(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return f"{self.directory.name}/{target.name}"

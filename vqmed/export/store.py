@@ -19,7 +19,6 @@ A million studies is about a thousand shard pairs, never one file per study.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,58 +26,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vqmed.atomic import TMP_PREFIX
+
 FORMAT = "vqmed-export-v1"
 META_FILE = "store.json"
 INDEX_FILE = "index.parquet"
 SHARDS_DIR = "shards"
 QUARANTINE_FILE = "quarantine.csv"
-TMP_PREFIX = ".tmp-"
 
 __all__ = ["ExportStore", "load", "StoreError"]
 
 
 class StoreError(RuntimeError):
     """A store directory is missing, incomplete or was written by another model."""
-
-
-# ------------------------------------------------------------------------------------ atomic files
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(handle)`` on a temporary file next to ``path``, fsync, then rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.filename is not None:
-            raise
-        # A failed write() (disk full, ...) does not say which file; name the one being written.
-        raise OSError(exc.errno, f"cannot write {path.name}: {exc.strerror or exc}", str(path)) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
-    atomic_write(path, lambda h: h.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode()))
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -183,8 +143,7 @@ class ExportStore:
     def model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The exporting model (loaded once from ``meta['model_ref']``), checked against the model id."""
         if self._model is None:
-            from vqmed.export.features import model_fingerprint
-            from vqmed.training import load_model
+            from vqmed.models_io import load_model, model_fingerprint
 
             model, info = load_model(self.meta["model_ref"], map_location="cpu")
             found = model_fingerprint(model, info["model_name"], info["model_config"])

@@ -22,22 +22,20 @@ from tqdm.auto import tqdm
 
 from vqmed.data import ImageDataset, ImageSpec, Quarantine, read_manifest, resolve_data_root
 from vqmed.data.privacy import resolve_salt, salted_id
-from vqmed.export.features import codebook_hash, codebooks, compute_features, model_fingerprint
+from vqmed.atomic import TMP_PREFIX, atomic_write, atomic_write_json
+from vqmed.export.features import codebook_hash, codebooks, compute_features
 from vqmed.export.store import (
     FORMAT,
     INDEX_FILE,
     META_FILE,
     QUARANTINE_FILE,
     SHARDS_DIR,
-    TMP_PREFIX,
     StoreError,
-    atomic_write,
-    atomic_write_json,
     order_index,
     read_parts,
 )
-from vqmed.training import load_model
-from vqmed.training.distributed import Runtime, barrier, init_runtime, shutdown
+from vqmed.models_io import load_model, model_fingerprint
+from vqmed.models_io.runtime import Runtime, barrier, init_runtime, shutdown
 
 REQUIRED_COLUMNS = ("study_id", "path")
 # Manifest columns copied into the index. Anything else (free text, raw patient ids) stays behind.

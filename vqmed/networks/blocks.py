@@ -283,6 +283,11 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
 
+    def stages(self) -> list[nn.Module]:
+        """The blocks whose outputs are the encoder's intermediate features: the stem, every level change
+        and every residual unit (not the final 1x1 projection, a linear map of the last stage)."""
+        return [b for b in self.blocks if isinstance(b, (Downsample, ResBlock))]
+
 
 class Decoder(nn.Module):
     """

@@ -163,6 +163,10 @@ class MonaiVQVAE(nn.Module):
     def quantizers(self) -> list[MonaiQuantizer]:
         return [self.quantizer]
 
+    def feature_stages(self) -> list[nn.Module]:
+        """None: MONAI's encoder exposes no stage list (the export then stores no ``encoder_grid``)."""
+        return []
+
     def latent_shape(self, input_size: int | Sequence[int]) -> tuple[int, ...]:
         return C.latent_size(input_size, self.spatial_dims, self.downsample)
 

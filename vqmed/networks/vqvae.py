@@ -171,6 +171,11 @@ class VQVAE(nn.Module):
         """The model's quantizers (one)."""
         return [self.quantizer]
 
+    def feature_stages(self) -> list[nn.Module]:
+        """Modules whose outputs are the encoder's intermediate features (stem, level changes, residual
+        units), finest first: the export pools them and semantic objectives read them through hooks."""
+        return self.encoder.stages()
+
     def latent_shape(self, input_size: int | Sequence[int]) -> tuple[int, ...]:
         """Spatial shape of the code map for an input of spatial size ``input_size``."""
         return C.latent_size(input_size, self.spatial_dims, self.downsample)

@@ -171,6 +171,11 @@ class VQVAE2(nn.Module):
         """``[bottom, top]`` quantizers."""
         return [self.quantizer_bottom, self.quantizer_top]
 
+    def feature_stages(self) -> list[nn.Module]:
+        """Modules whose outputs are the encoder's intermediate features (stem, level changes, residual
+        units), finest first: the export pools them and semantic objectives read them through hooks."""
+        return self.encoder_bottom.stages()
+
     def latent_shape(self, input_size: int | Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Spatial shapes ``(bottom, top)`` of the code maps for an input of spatial size ``input_size``."""
         C.latent_size(input_size, self.spatial_dims, self.downsample * self.top_downsample)

@@ -4,7 +4,7 @@ Owns where runs are stored (the project's local sqlite store ``mlflow.db`` with 
 unless ``MLFLOW_TRACKING_URI`` says otherwise), experiment set-up, logging of flattened configs, NaN-safe
 metrics, figures and images, de-identified dataset inputs (digest + counts, never patient data), the
 figures every stage logs (reconstruction grid and per-epoch GIF, loss curves, codebook usage, label
-efficiency) and serving MLflow's UI (``vqmed ui``).
+efficiency), the reachability check of a tracking server, and serving MLflow's UI (``vqmed ui``).
 """
 
 from vqmed.tracking.figures import (
@@ -27,9 +27,12 @@ from vqmed.tracking.mlflow_utils import (
     psnr,
     setup_mlflow,
 )
+from vqmed.tracking.server import TrackingServerError, check_tracking_server
 from vqmed.tracking.ui import serve_ui, stop_ui, wait_for_ui
 
 __all__ = [
+    "TrackingServerError",
+    "check_tracking_server",
     "default_tracking_uri",
     "setup_mlflow",
     "local_artifact_root",

@@ -1,11 +1,12 @@
-"""Training room: the pretraining loop (single process or DDP via torchrun) and atomic checkpoints.
+"""Training room (floor 3): the pretraining engine and the pretraining objectives.
 
-Owns ``pretrain`` (config -> trained model, checkpoints, MLflow run, ``summary.json``), the checkpoint
-format (``weights_only``-safe, written atomically) and ``load_model`` (checkpoint / run dir / MLflow run id
--> model in eval mode).
+Owns ``pretrain`` (config -> trained model, checkpoints, MLflow run, ``summary.json``): the engine
+(``engine``: data loading, steps, DDP, AMP, checkpoints, resume, signals, tracking calls; ``control``:
+seeding, schedule, signals, history) and the objectives it minimises (``objectives``: a registry by
+name). The checkpoint format and ``load_model`` live one floor down, in :mod:`vqmed.models_io`.
 """
 
-from vqmed.training.checkpoint import CheckpointError
-from vqmed.training.model_io import load_model, resolve_checkpoint
+from vqmed.training.engine import pretrain
+from vqmed.training.objectives import OBJECTIVES, build_objective
 
-__all__ = ["CheckpointError", "load_model", "resolve_checkpoint"]
+__all__ = ["OBJECTIVES", "build_objective", "pretrain"]

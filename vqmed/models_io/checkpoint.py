@@ -2,8 +2,8 @@
 
 A checkpoint is one ``torch.save`` file holding only tensors, numbers, strings, lists and dicts, so it
 loads with ``torch.load(..., weights_only=True)``: a file carrying a pickled object that would run code is
-refused. Files are written to a temporary name in the same directory, fsynced, then renamed over the
-target, so a crash at any moment leaves either the previous good checkpoint or the new one, never a torn
+refused. Files are written with :func:`vqmed.atomic.atomic_write` (temporary name in the same directory, fsync,
+rename), so a crash at any moment leaves either the previous good checkpoint or the new one, never a torn
 file. The previous checkpoint is kept as ``last.prev.pt``; a truncated ``last.pt`` is detected on load and
 the previous one is used instead.
 """
@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vqmed.atomic import atomic_write
+
 FORMAT = "vqmed-checkpoint-v1"
 LAST = "last.pt"
 PREVIOUS = "last.prev.pt"
@@ -29,7 +31,7 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to ``path`` via a fsynced temporary file and an atomic rename.
+    """``torch.save`` to ``path`` atomically (see :func:`vqmed.atomic.atomic_write`).
 
     Raises:
         CheckpointError: the file cannot be written (disk full, no permission, ...), naming the path;
@@ -37,49 +39,12 @@ def atomic_save(obj: dict[str, Any], path: Path) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda handle: torch.save(obj, handle))
     except OSError as exc:
         # Disk full (ENOSPC) and the like: say which file, so the CLI prints one clear line.
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"{path}: cannot write checkpoint ({exc})") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def remove_stale_temporaries(directory: Path, names: tuple[str, ...] = (LAST,)) -> int:
-    """Delete the ``.NAME.tmp-PID`` files (see :func:`atomic_save`) of the given file ``names`` that a
-    writer killed mid-write left in ``directory``.
-
-    Call it only where no other process writes them (rank 0 at the start of a run). Returns the count.
-    """
-    removed = 0
-    for name in names:
-        for tmp in Path(directory).glob(f".{name}.tmp-*"):
-            if tmp.is_file():
-                tmp.unlink(missing_ok=True)
-                removed += 1
-    return removed
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise CheckpointError(f"{path}: cannot write checkpoint ({reason})") from exc
 
 
 def save_checkpoint(state: dict[str, Any], directory: Path) -> Path:

@@ -1,4 +1,9 @@
-"""The pretraining loop: config in; checkpoints, an MLflow run and ``summary.json`` out.
+"""The pretraining engine: config in; checkpoints, an MLflow run and ``summary.json`` out.
+
+The engine does engine work only: data loading, steps, DDP, AMP, checkpoints, resume, signals and the
+tracking calls. What a step minimises is the configured objective's business
+(:mod:`vqmed.training.objectives`); the objective's own weights (a projector, ...) are optimised,
+checkpointed and resumed together with the model's.
 
 One code path serves one CPU process and ``torchrun --nproc_per_node=N -m vqmed pretrain ...`` on CPUs
 (gloo) or GPUs (NCCL): the model is wrapped in DistributedDataParallel when the process group is up,
@@ -11,13 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import random
-import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +28,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vqmed.atomic import atomic_write_json, remove_stale_temporaries
 from vqmed.config import ConfigError, PretrainConfig, to_dict
-from vqmed.data import ImageDataset, ImageSpec, read_manifest, resolve_data_root
-from vqmed.networks import build_model
-from vqmed.training.checkpoint import (
-    atomic_save,
-    latest_checkpoint,
-    remove_stale_temporaries,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from vqmed.training.distributed import (
+from vqmed.data import ImageDataset, ImageSpec, ManifestError, load_manifests, resolve_data_root, split_by_patient
+from vqmed.models_io import model_fingerprint
+from vqmed.models_io.checkpoint import atomic_save, latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vqmed.models_io.runtime import (
     ResumableSampler,
     Runtime,
     any_rank,
@@ -47,6 +42,10 @@ from vqmed.training.distributed import (
     init_runtime,
     shutdown,
 )
+from vqmed.networks import build_model
+from vqmed.tracking import check_tracking_server
+from vqmed.training.control import History, StopRequest, lr_at, model_arguments, seed_everything
+from vqmed.training.objectives import Objective, build_objective
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -56,93 +55,21 @@ def _quiet() -> bool:
     return bool(os.environ.get("CI"))
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+class ObjectiveStep(nn.Module):
+    """The model and its objective as one module, so that DDP wraps (and syncs the gradients of) both.
 
+    Args:
+        model: the VQ model being pretrained.
+        objective: the pretraining objective.
+    """
 
-def load_manifests(cfg: PretrainConfig) -> pd.DataFrame:
-    """All manifests of the config, filtered to its splits and capped at ``max_images`` (labels ignored)."""
-    frames = [read_manifest(Path(path)) for path in cfg.data.manifests]
-    manifest = pd.concat(frames, ignore_index=True)
-    if cfg.data.splits:
-        manifest = manifest[manifest["split"].isin(cfg.data.splits)]
-        if manifest.empty:
-            raise ConfigError(f"data.splits {cfg.data.splits}: no manifest row has one of these splits")
-    if cfg.data.max_images is not None and len(manifest) > cfg.data.max_images:
-        manifest = manifest.sample(n=cfg.data.max_images, random_state=cfg.seed).sort_index()
-    return manifest.reset_index(drop=True)
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
 
-
-def split_by_patient(manifest: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Hold out ``val_fraction`` of the patients (all their images) for validation, deterministically."""
-    groups = manifest["patient_id"].fillna(manifest["study_id"]).astype(str)
-    patients = np.array(sorted(groups.unique()))
-    rng = np.random.default_rng(seed)
-    n_val = max(1, int(round(val_fraction * len(patients))))
-    val_patients = set(rng.choice(patients, size=n_val, replace=False).tolist())
-    is_val = groups.isin(val_patients).to_numpy()
-    return manifest[~is_val].reset_index(drop=True), manifest[is_val].reset_index(drop=True)
-
-
-def model_arguments(cfg: PretrainConfig) -> dict[str, Any]:
-    """The model's constructor arguments: the config's ``model.params`` plus what the data section fixes."""
-    params = dict(cfg.model.params)
-    fixed = {"spatial_dims": cfg.data.spatial_dims, "in_channels": cfg.data.channels, "out_channels": cfg.data.channels}
-    for key, value in fixed.items():
-        if key in params and params[key] != value:
-            raise ConfigError(f"model.params.{key}={params[key]} contradicts the data section ({value}); remove it")
-        params[key] = value
-    return params
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model behind DDP and ``torch.compile`` wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-def lr_at(step: int, total_steps: int, cfg: PretrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 5% of the peak learning rate."""
-    peak, warmup = cfg.train.lr, cfg.train.warmup_steps
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks once per step (checkpoint, then exit)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-@dataclass
-class History:
-    """Metric series kept in the checkpoint so curves survive interruptions: name -> [(step, value)]."""
-
-    series: dict[str, list[list[float]]] = field(default_factory=dict)
-
-    def add(self, name: str, step: int, value: float) -> None:
-        self.series.setdefault(name, []).append([float(step), float(value)])
-
-    def as_dict(self) -> dict[str, list[list[float]]]:
-        return self.series
+    def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.objective(self.model, views)
 
 
 class Trainer:
@@ -164,10 +91,11 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             # Half-written files of a run killed mid-write (the renamed ones are whole).
             remove_stale_temporaries(self.out, (RUN_FILE, SUMMARY_FILE, "final.pt"))
-            if self.ckpt_dir.is_dir():
-                remove_stale_temporaries(self.ckpt_dir)
-        self._build_data()
+            remove_stale_temporaries(self.ckpt_dir)
+        self.spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels)
         self._build_model()
+        self._build_data()
+        self._build_optimizer()
         self.history = History()
         self.step = 0
         self.epoch = 0
@@ -180,21 +108,27 @@ class Trainer:
     def _build_data(self) -> None:
         cfg = self.cfg
         self.data_root = resolve_data_root(cfg.data.data_root)
-        manifest = load_manifests(cfg)
+        try:
+            manifest = load_manifests(cfg.data.manifests, cfg.data.splits, cfg.data.max_images, cfg.seed)
+        except ManifestError as exc:
+            raise ConfigError(f"data.{exc}") from None
         train_rows, val_rows = split_by_patient(manifest, cfg.data.val_fraction, cfg.seed)
         self.manifest = manifest
-        self.spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels)
         cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else None
         progress = self.rt.is_main and not _quiet()
 
-        def dataset(rows: pd.DataFrame, augment: bool) -> ImageDataset:
+        objective = self.objective
+
+        def dataset(rows: pd.DataFrame, augment: bool, views: int = 1) -> ImageDataset:
             return ImageDataset(rows, self.data_root, self.spec, cache_dir=cache, augment=augment,
-                                fail_fast=cfg.data.fail_fast, progress=progress)
+                                fail_fast=cfg.data.fail_fast, progress=progress, views=views,
+                                augmentation=objective.augmentation)
 
         # Rank 0 decodes and fills the cache; the other ranks then read it instead of decoding too.
         if not self.rt.is_main:
             barrier(self.rt)
-        self.train_set = dataset(train_rows, cfg.data.augment)
+        # The training set yields the views the objective asks for; validation sees each image once, as is.
+        self.train_set = dataset(train_rows, cfg.data.augment, objective.views)
         self.val_set = dataset(val_rows, False)
         if self.rt.is_main:
             barrier(self.rt)
@@ -237,14 +171,21 @@ class Trainer:
         self.channels_last = cfg.train.channels_last and cfg.data.spatial_dims == 2
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.objective: Objective = build_objective(cfg.objective.name, cfg.objective.params, self.model, self.spec.shape)
+        # Model and objective in one module: DDP syncs the gradients of both (a projector's too).
+        self.trainable = ObjectiveStep(self.model, self.objective)
+
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
+        # The model's parameters first, then the objective's (none for reconstruction).
+        self.optimizer = torch.optim.AdamW(self.trainable.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_at(step, self.total_steps, cfg) / cfg.train.lr
         )
-        self.net: nn.Module = self.model
+        self.net: nn.Module = self.trainable
         if self.rt.distributed:
             self.net = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.rt.local_rank] if self.rt.device.type == "cuda" else None
+                self.trainable, device_ids=[self.rt.local_rank] if self.rt.device.type == "cuda" else None
             )
         on_cuda = self.rt.device.type == "cuda"
         if cfg.train.compile and on_cuda:
@@ -254,7 +195,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def _restore(self, state: dict[str, Any]) -> None:
+        name = state.get("objective_name", "reconstruction")
+        if name != self.cfg.objective.name:
+            raise ConfigError(f"objective.name: the checkpoint was trained with {name!r}, the config says "
+                              f"{self.cfg.objective.name!r}; resume with the same objective or choose another --out")
         self.model.load_state_dict(state["model_state"])
+        self.objective.load_state_dict(state.get("objective_state", {}))
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["scheduler_state"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
@@ -314,6 +260,9 @@ class Trainer:
             "model_name": self.cfg.model.name,
             "model_config": self.model_args,
             "model_state": self.model.state_dict(),
+            "objective_name": self.cfg.objective.name,
+            "objective_config": self.objective.config(),
+            "objective_state": self.objective.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "scheduler_state": self.scheduler.state_dict(),
             "step": self.step,
@@ -327,7 +276,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- training
     def _batches(self, skip: int) -> Iterator[tuple[torch.Tensor, float]]:
-        """Yield (images, seconds waited for them) for the rest of the current epoch."""
+        """Yield (views ``[B, views, C, *spatial]``, seconds waited for them) for the rest of the epoch."""
         self.sampler.set_epoch(self.epoch, skip_batches=skip)
         self.train_set.set_epoch(self.epoch, seed=self.cfg.seed)
         iterator = iter(self.loader)
@@ -338,32 +287,31 @@ class Trainer:
             except StopIteration:
                 return
             images = batch["image"].to(self.rt.device, non_blocking=True)
+            shape = images.shape if self.objective.views > 1 else (images.shape[0], 1, *images.shape[1:])
+            images = images.reshape(-1, *shape[2:])  # [B * views, C, *spatial]: one layout change for all
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            yield images, time.perf_counter() - start
+            yield images.view(shape), time.perf_counter() - start
 
-    def _train_step(self, images: torch.Tensor) -> dict[str, float]:
+    def _train_step(self, views: torch.Tensor) -> dict[str, float]:
+        """One optimiser step on a batch of views ``[B, views, C, *spatial]``; returns the logged metrics."""
         autocast = (
             torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         )
         with autocast:
-            reconstruction, losses, _ = self.net(images)
-            recon_loss = torch.nn.functional.mse_loss(reconstruction.float(), images.float())
-            loss = recon_loss + sum(losses.values())
+            loss, metrics = self.net(views)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            nn.utils.clip_grad_norm_(self.trainable.parameters(), self.cfg.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        out = {"train/loss": loss.item(), "train/recon_mse": recon_loss.item()}
-        out.update({f"train/{name}": value.item() for name, value in losses.items()})
-        return out
+        return {f"train/{name}": value.item() for name, value in metrics.items()}
 
     def _quantizers(self) -> list[nn.Module]:
-        return list(unwrap(self.net).quantizers)
+        return list(self.model.quantizers)
 
     def run(self) -> dict[str, Any] | None:
         cfg = self.cfg
@@ -380,14 +328,14 @@ class Trainer:
                 waited, stepped, epoch_images = 0.0, 0.0, 0
                 bar = self._progress(skip)
                 tick = time.perf_counter()
-                for images, wait in self._batches(skip):
-                    metrics = self._train_step(images)
+                for views, wait in self._batches(skip):
+                    metrics = self._train_step(views)
                     self.step += 1
                     now = time.perf_counter()
                     waited += wait
                     stepped += now - tick
                     tick = now
-                    epoch_images += images.shape[0] * self.rt.world_size
+                    epoch_images += views.shape[0] * self.rt.world_size
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", img_s=f"{epoch_images / max(stepped, 1e-9):.1f}")
@@ -467,7 +415,7 @@ class Trainer:
         """Mean MSE, PSNR and SSIM over the validation images (MONAI's metrics), plus images to show."""
         from monai.metrics import PSNRMetric, SSIMMetric
 
-        model = unwrap(self.net)
+        model = self.model
         model.eval()
         psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=self.cfg.data.spatial_dims, data_range=1.0)
         originals, reconstructions = [], []
@@ -503,7 +451,7 @@ class Trainer:
     # -------------------------------------------------------------------------------------- the end
     def _finish(self, images_per_second: float) -> dict[str, Any] | None:
         # Every rank reports a hash of its weights and codebooks: DDP must leave them identical.
-        hashes = [state_hash(self.model)]
+        hashes = [model_fingerprint(self.model, self.cfg.model.name, self.model_args)]
         if self.rt.distributed:
             gathered: list[Any] = [None] * self.rt.world_size
             torch.distributed.all_gather_object(gathered, hashes[0])
@@ -567,7 +515,7 @@ class Trainer:
     def _log_mlflow_model(self) -> None:
         import mlflow
 
-        model = unwrap(self.net).to("cpu").to(memory_format=torch.contiguous_format).eval()
+        model = self.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
         mlflow.pytorch.log_model(
             model,
             name="model",
@@ -576,71 +524,6 @@ class Trainer:
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai", "vqmed"],
             metadata={"model_name": self.cfg.model.name, "model_config": json.dumps(self.model_args)},
         )
-
-
-def state_hash(model: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer (codebook included), in name order."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_tracking_server(tracking_uri: str | None, timeout: float = 5.0) -> None:
-    """Fail fast, with one line naming the URI, when an HTTP(S) MLflow tracking server does not answer.
-
-    MLflow retries every request with exponential back-off, so a down server (``MLFLOW_TRACKING_URI``
-    pointing at a closed port) would hang the run for many minutes before it died. Any HTTP answer,
-    even 401 or 404, counts as reachable; local stores (sqlite, file) are not checked.
-
-    Args:
-        tracking_uri: ``tracking.tracking_uri``; ``None`` = ``MLFLOW_TRACKING_URI`` or the local store.
-        timeout: seconds to wait for the server's ``/health`` answer.
-
-    Raises:
-        ConfigError: the server refused the connection, did not answer in time, or its host is unknown.
-    """
-    import ssl
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    from vqmed.tracking import default_tracking_uri
-
-    uri = tracking_uri or default_tracking_uri()
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return
-    try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError(f"MLflow tracking URI has an invalid port: {parts.scheme}://{parts.hostname}...") from None
-    # Credentials in the URI are neither sent by urllib nor printed.
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    netloc = host + (f":{port}" if port else "")
-    shown = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    health = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
-    try:
-        urllib.request.urlopen(health, timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return  # the server answered
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        if isinstance(reason, ssl.SSLError):
-            return  # it answered the handshake; its certificate is MLflow's business (MLFLOW_TRACKING_* TLS settings)
-        raise ConfigError(
-            f"MLflow tracking server {shown} is not reachable ({reason}); start it, or unset "
-            "MLFLOW_TRACKING_URI / tracking.tracking_uri to track in the local store (mlflow.db)"
-        ) from None
-
-
-def atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any] | None:

@@ -1,7 +1,9 @@
-"""Rebuild a trained model from a checkpoint file, a run directory or an MLflow run id."""
+"""Rebuild a trained model from a checkpoint file, a run directory or an MLflow run id; the model id."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 
 from vqmed.networks import build_model
-from vqmed.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from vqmed.models_io.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
 FINAL_ARTIFACT = "checkpoints/final.pt"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -67,3 +69,25 @@ def load_model(ref: str | Path, map_location: str | torch.device = "cpu") -> tup
         "config": state.get("config", {}),
     }
     return model, meta
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def model_fingerprint(model: nn.Module, model_name: str, model_config: dict[str, Any]) -> str:
+    """Model id: SHA-256 (first 16 hex digits) of the architecture and every weight and buffer.
+
+    Two checkpoints with identical weights share an id wherever they live; any changed weight or
+    codebook entry gives a new id, so a store never mixes codes of two models, and DDP ranks that
+    ended with the same id hold bit-identical models.
+    """
+    h = hashlib.sha256()
+    h.update(model_name.encode())
+    h.update(json.dumps(model_config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        h.update(_tensor_bytes(tensor))
+    return h.hexdigest()[:16]

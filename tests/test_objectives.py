@@ -1,0 +1,165 @@
+"""Pretraining objectives on real Kermany images: each learns, keeps the codebook in use, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_training import DATA_ROOT, ROOT, run_pretrain, tiny_config
+
+from vqmed.config import ConfigError, PretrainConfig, load_config
+from vqmed.data import ImageDataset, ImageSpec, read_manifest
+from vqmed.models_io.checkpoint import latest_checkpoint, load_checkpoint
+from vqmed.networks import build_model, vqvae_loss
+from vqmed.training.objectives import OBJECTIVES, build_objective
+from vqmed.training.objectives.masked import patch_mask
+from vqmed.training.objectives.vicreg import vicreg_terms
+
+pytestmark = pytest.mark.skipif(not (DATA_ROOT / "chest_xray").is_dir(), reason="real Kermany data not found")
+
+TINY = {"channels": [16, 32], "num_res_channels": [16, 32], "num_embeddings": 64, "embedding_dim": 16}
+
+
+@pytest.fixture(scope="module")
+def views(tmp_path_factory) -> torch.Tensor:
+    """64 real Kermany train images at 32x32, two augmented views each: ``[64, 2, 1, 32, 32]``."""
+    manifest = read_manifest(ROOT / "data_manifests" / "chest_xray.csv")
+    rows = manifest[manifest["split"] == "train"].iloc[::80].head(64)
+    ds = ImageDataset(rows, DATA_ROOT, ImageSpec(32), cache_dir=tmp_path_factory.mktemp("cache"), augment=True,
+                      progress=False, views=2, augmentation="views")
+    return torch.stack([ds[i]["image"] for i in range(len(ds))])
+
+
+def _train(name: str, params: dict, views: torch.Tensor, steps: int = 40) -> tuple[list[dict[str, float]], torch.nn.Module]:
+    torch.manual_seed(0)
+    model = build_model("vqvae", spatial_dims=2, in_channels=1, out_channels=1, **TINY)
+    objective = build_objective(name, params, model, (1, 32, 32))
+    optimizer = torch.optim.Adam([*model.parameters(), *objective.parameters()], lr=2e-3)
+    model.quantizer.reset_stats()
+    history = []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = views[torch.randperm(len(views), generator=g)[:16], : objective.views]
+        loss, metrics = objective(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append({k: float(v) for k, v in metrics.items()})
+    return history, model
+
+
+def test_views_are_two_different_augmentations_of_one_image(views):
+    assert views.shape == (64, 2, 1, 32, 32) and 0.0 <= float(views.min()) and float(views.max()) <= 1.0
+    differs = (views[:, 0] - views[:, 1]).abs().flatten(1).mean(1)
+    assert bool((differs > 1e-3).all()), "the two views of an image are identical"
+    # ... but views of one image are closer to each other than to other images
+    other = (views[:, 0] - views.roll(1, 0)[:, 1]).abs().flatten(1).mean(1)
+    assert float(differs.mean()) < float(other.mean())
+
+
+def test_reconstruction_objective_is_the_vqvae_loss(views):
+    torch.manual_seed(0)
+    model = build_model("vqvae", spatial_dims=2, in_channels=1, out_channels=1, **TINY).eval()
+    objective = build_objective("reconstruction", {}, model, (1, 32, 32))
+    loss, metrics = objective(model, views[:8, :1])
+    expected, terms, _ = vqvae_loss(model, views[:8, 0])
+    assert torch.equal(loss, expected) and torch.equal(metrics["recon_mse"], terms["recon_mse"])
+    assert list(objective.parameters()) == []
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_objective_learns_and_uses_the_codebook(name, views):
+    history, model = _train(name, {}, views)
+    first = sum(h["recon_mse"] for h in history[:5]) / 5
+    last = sum(h["recon_mse"] for h in history[-5:]) / 5
+    assert last < 0.7 * first, f"{name}: reconstruction did not improve ({first:.4f} -> {last:.4f})"
+    assert model.quantizer.stats()["usage_fraction"] > 0.3, f"{name}: codebook collapsed"
+    if name == "vicreg":
+        start = sum(h["vicreg"] for h in history[:5]) / 5
+        end = sum(h["vicreg"] for h in history[-5:]) / 5
+        assert end < 0.8 * start, f"VICReg term did not fall ({start:.3f} -> {end:.3f})"
+
+
+def test_vicreg_terms_reward_agreement_and_spread():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 32, generator=g)
+    same = vicreg_terms(z, z)
+    assert float(same["invariance"]) == 0.0 and float(same["variance"]) < 0.05
+    collapsed = vicreg_terms(torch.zeros(64, 32), torch.zeros(64, 32))
+    assert float(collapsed["variance"]) > 0.9  # every dimension below the hinge
+    correlated = torch.randn(64, 1, generator=g).repeat(1, 32)
+    assert float(vicreg_terms(correlated, correlated)["covariance"]) > 10 * float(same["covariance"])
+
+
+def test_patch_mask_hides_the_asked_share_in_whole_patches():
+    torch.manual_seed(0)
+    mask = patch_mask((4, 1, 32, 32), patch=4, ratio=0.5, device=torch.device("cpu"))
+    assert mask.shape == (4, 1, 32, 32)
+    assert torch.allclose(mask.mean(dim=(1, 2, 3)), torch.full((4,), 0.5))
+    cells = torch.nn.functional.avg_pool2d(mask, 4)
+    assert bool(((cells == 0) | (cells == 1)).all()), "a patch is partly hidden"
+
+
+def test_objective_config_errors_name_the_key(tmp_path):
+    base = yaml.safe_load(tiny_config(tmp_path, tmp_path / "cache").read_text())
+    for objective, needle in (
+        ({"name": "simclr"}, "objective.name"),
+        ({"name": "vicreg", "params": {"wieght": 1.0}}, "objective.params: unknown key(s) ['wieght']"),
+        ({"name": "vicreg", "params": {"stages": "first"}}, "objective.params.stages"),
+        ({"name": "masked", "params": {"mask_ratio": 1.5}}, "objective.params.mask_ratio"),
+        ({"name": "vicreg", "params": {"weight": "high"}}, "objective.params.weight"),
+    ):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**base, "objective": objective}))
+        with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+            load_config(PretrainConfig, path)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_vicreg(tmp_path):
+    """A non-default objective with its own weights (projector, BatchNorm statistics) resumes exactly."""
+    cache = tmp_path / "cache"
+    objective = ["--set", "objective.name=vicreg", "--set", "objective.params.projector=[64,64]"]
+    (tmp_path / "ref").mkdir()
+    reference_cfg = tiny_config(tmp_path / "ref", cache, epochs=1)
+    run_pretrain(reference_cfg, *objective)
+    reference = json.loads((tmp_path / "ref" / "run" / "summary.json").read_text())
+
+    (tmp_path / "kill").mkdir()
+    config = tiny_config(tmp_path / "kill", cache, epochs=1)
+    process = subprocess.Popen([sys.executable, "-m", "vqmed", "pretrain", "--config", str(config), *objective],
+                               cwd=ROOT, env={**os.environ, "CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt_dir = tmp_path / "kill" / "run" / "checkpoints"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            found = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+            if found and found[0]["step"] >= 8:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "run ended before it could be killed: " + process.stderr.read().decode()[-2000:]
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    killed = latest_checkpoint(ckpt_dir)[0]
+    assert 0 < killed["step"] < reference["steps"] and killed["objective_name"] == "vicreg"
+    assert any(k.startswith("projector.") for k in killed["objective_state"]), "projector not checkpointed"
+    # Resuming with another objective is refused in one line.
+    wrong = run_pretrain(config, "--resume", check=False)
+    assert wrong.returncode == 2 and "objective.name" in wrong.stderr
+    run_pretrain(config, "--resume", *objective)
+    summary = json.loads((tmp_path / "kill" / "run" / "summary.json").read_text())
+    assert summary["steps"] == reference["steps"]
+    a, b = load_checkpoint(Path(summary["checkpoint"])), load_checkpoint(Path(reference["checkpoint"]))
+    for part in ("model_state", "objective_state"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.allclose(a[part][k].float(), b[part][k].float(), atol=1e-4) for k in a[part]), part

@@ -1,0 +1,75 @@
+"""Run control of the pretraining engine: seeding, the learning-rate schedule, signals, metric history."""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vqmed.config import ConfigError, PretrainConfig
+
+__all__ = ["History", "StopRequest", "lr_at", "model_arguments", "seed_everything"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_arguments(cfg: PretrainConfig) -> dict[str, Any]:
+    """The model's constructor arguments: the config's ``model.params`` plus what the data section fixes."""
+    params = dict(cfg.model.params)
+    fixed = {"spatial_dims": cfg.data.spatial_dims, "in_channels": cfg.data.channels, "out_channels": cfg.data.channels}
+    for key, value in fixed.items():
+        if key in params and params[key] != value:
+            raise ConfigError(f"model.params.{key}={params[key]} contradicts the data section ({value}); remove it")
+        params[key] = value
+    return params
+
+
+def lr_at(step: int, total_steps: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak learning rate."""
+    peak, warmup = cfg.train.lr, cfg.train.warmup_steps
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks once per step (checkpoint, then exit)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class History:
+    """Metric series kept in the checkpoint so curves survive interruptions: name -> [(step, value)]."""
+
+    series: dict[str, list[list[float]]] = field(default_factory=dict)
+
+    def add(self, name: str, step: int, value: float) -> None:
+        self.series.setdefault(name, []).append([float(step), float(value)])
+
+    def as_dict(self) -> dict[str, list[list[float]]]:
+        return self.series

@@ -1,0 +1,145 @@
+"""Reconstruction plus VICReg between two augmented views of the same image.
+
+VICReg (Bardes, Ponce & LeCun, ICLR 2022, "VICReg: Variance-Invariance-Covariance Regularization for
+Self-Supervised Learning"): an embedding of two views of one image should agree (invariance), every
+embedding dimension should vary across the batch (variance, a hinge on its standard deviation) and the
+dimensions should be decorrelated (covariance). Reconstruction alone spends the encoder on pixel
+variance (Balestriero & LeCun, ICML 2024); the invariance term asks the encoder's stages for what two
+crops / exposures of one film share. The VQ bottleneck and the decoder stay, so the model still exports
+and decodes code maps as before. The embedding is the mean and standard deviation of the encoder's
+stages over space, the statistics the export's ``encoder_stats`` probes pool on a grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqmed.networks import vqvae_loss
+from vqmed.training.objectives.base import Objective, ObjectiveParams
+
+__all__ = ["VICReg", "VICRegParams", "vicreg_terms"]
+
+
+@dataclasses.dataclass
+class VICRegParams(ObjectiveParams):
+    """Parameters of :class:`VICReg`.
+
+    Args:
+        weight: weight of the VICReg term against the VQ-VAE loss (reconstruction + quantizer).
+        invariance: coefficient of the invariance (MSE between the views' projections); paper: 25.
+        variance: coefficient of the variance hinge; paper: 25.
+        covariance: coefficient of the off-diagonal covariance penalty; paper: 1.
+        projector: hidden and output widths of the projector MLP (Linear-BatchNorm-ReLU between layers).
+        stages: which encoder stages make the embedding: ``last`` (the deepest) or ``all``.
+        augmentation: the augmentation chain of the two views (see ``vqmed.data.transforms``).
+    """
+
+    weight: float = 0.5
+    invariance: float = 25.0
+    variance: float = 25.0
+    covariance: float = 1.0
+    projector: list[int] = field(default_factory=lambda: [1024, 1024])
+    stages: str = "all"
+    augmentation: str = "views"
+
+    def validate(self) -> None:
+        for key in ("weight", "invariance", "variance", "covariance"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not self.projector or any(int(w) < 1 for w in self.projector):
+            raise ValueError(f"projector must list positive widths, got {self.projector}")
+        if self.stages not in ("last", "all"):
+            raise ValueError(f"stages must be 'last' or 'all', got {self.stages!r}")
+
+
+def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-4) -> dict[str, torch.Tensor]:
+    """Invariance, variance and covariance terms of VICReg for two ``[B, D]`` embeddings.
+
+    Statistics are over this process's batch (the paper gathers them over all GPUs; with a few dozen
+    images per process on CPU the local batch is what there is).
+    """
+    invariance = F.mse_loss(z1, z2)
+    variance = z1.new_zeros(())
+    covariance = z1.new_zeros(())
+    for z in (z1, z2):
+        z = z - z.mean(dim=0)
+        std = torch.sqrt(z.var(dim=0) + eps)
+        variance = variance + F.relu(1.0 - std).mean() / 2
+        cov = (z.T @ z) / max(1, z.shape[0] - 1)
+        off_diagonal = cov - torch.diag(torch.diag(cov))
+        covariance = covariance + off_diagonal.pow(2).sum() / z.shape[1] / 2
+    return {"invariance": invariance, "variance": variance, "covariance": covariance}
+
+
+def _pool_stats(x: torch.Tensor) -> torch.Tensor:
+    """Mean and standard deviation over every spatial axis of ``[B, C, *spatial]`` -> ``[B, 2C]``."""
+    flat = x.float().flatten(2)
+    return torch.cat([flat.mean(dim=2), flat.std(dim=2)], dim=1)
+
+
+class VICReg(Objective):
+    """VQ-VAE loss on both views plus ``weight`` x VICReg between their pooled encoder stages.
+
+    Args:
+        model: the VQ model (must expose ``feature_stages()``).
+        input_shape: ``(C, *spatial)`` of one view.
+        params: :class:`VICRegParams`.
+    """
+
+    name = "vicreg"
+    Params = VICRegParams
+    views = 2
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], params: VICRegParams) -> None:
+        super().__init__(model, input_shape, params)
+        self.augmentation = params.augmentation
+        if not model.feature_stages():
+            raise ValueError(f"objective 'vicreg' needs a model with encoder stages; {type(model).__name__} has none")
+        # One dry encoder pass sizes the projector (no codebook update: encode() does not quantize).
+        device = next(model.parameters()).device
+        with torch.no_grad(), self._caught(model) as caught:
+            model.encode(torch.zeros(2, *input_shape, device=device))
+        width = sum(_pool_stats(f).shape[1] for f in caught)
+        layers: list[nn.Module] = []
+        for i, out in enumerate(params.projector):
+            layers.append(nn.Linear(width, int(out)))
+            if i < len(params.projector) - 1:
+                layers += [nn.BatchNorm1d(int(out)), nn.ReLU(inplace=True)]
+            width = int(out)
+        self.projector = nn.Sequential(*layers).to(device)
+
+    def _stages(self, model: nn.Module) -> list[nn.Module]:
+        stages = model.feature_stages()
+        return stages[-1:] if self.params.stages == "last" else stages
+
+    class _Catch:
+        def __init__(self, stages: list[nn.Module]) -> None:
+            self.stages, self.out, self.hooks = stages, [], []
+
+        def __enter__(self) -> list[torch.Tensor]:
+            self.hooks = [s.register_forward_hook(lambda _m, _i, o: self.out.append(o)) for s in self.stages]
+            return self.out
+
+        def __exit__(self, *exc: object) -> None:
+            for hook in self.hooks:
+                hook.remove()
+
+    def _caught(self, model: nn.Module) -> "VICReg._Catch":
+        return VICReg._Catch(self._stages(model))
+
+    def forward(self, model: nn.Module, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # rows 2i and 2i+1 are the two views of image i; one pass for both (a view, no copy)
+        x = views.reshape(-1, *views.shape[2:])
+        with self._caught(model) as caught:
+            vq_loss, terms, _ = vqvae_loss(model, x)
+        z = self.projector(torch.cat([_pool_stats(f) for f in caught], dim=1))
+        parts = vicreg_terms(z[0::2], z[1::2])
+        p = self.params
+        vic = p.invariance * parts["invariance"] + p.variance * parts["variance"] + p.covariance * parts["covariance"]
+        loss = vq_loss + p.weight * vic
+        return loss, {"loss": loss, **terms, "vicreg": vic, **{f"vicreg_{k}": v for k, v in parts.items()}}
