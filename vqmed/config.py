@@ -127,6 +127,8 @@ class TrainConfig:
         checkpoint_every: also checkpoint every this many steps within an epoch (``None`` = per epoch only).
         val_images: validation images shown in the reconstruction grid.
         device: ``auto``, ``cpu`` or ``cuda``.
+        keep_checkpoints_at: also keep a model-only checkpoint ``checkpoints/step_NNNNNN.pt`` after each of
+            these steps (0 = the random initialisation), e.g. for a pretraining-compute curve.
     """
 
     epochs: int = 10
@@ -146,6 +148,7 @@ class TrainConfig:
     checkpoint_every: int | None = 100
     val_images: int = 16
     device: str = "auto"
+    keep_checkpoints_at: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -158,6 +161,7 @@ class TrainConfig:
         _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.checkpoint_every is None or self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1 or null")
+        _check(all(s >= 0 for s in self.keep_checkpoints_at), "train.keep_checkpoints_at", "steps must be >= 0")
 
 
 @dataclass
@@ -348,6 +352,52 @@ class PipelineConfig:
     def validate(self) -> None:
         for key in ("pretrain_config", "benchmark_config"):
             _check(Path(getattr(self, key)).is_file(), key, f"file not found: {getattr(self, key)}")
+        _check(self.export_batch_size >= 1, "export_batch_size", "must be >= 1")
+
+
+@dataclass
+class ComputeCurveConfig:
+    """A pretraining-compute curve: each objective pretrained once for ``max(steps)`` steps, a model-only
+    checkpoint kept at every entry of ``steps``, each exported and probed with the same benchmark config.
+
+    Args:
+        name: name of the curve (MLflow run name).
+        out: output directory.
+        data_root: data root for every step (``None`` = ``VQMED_DATA_ROOT`` or ``../shared/data``).
+        manifest: manifest CSV every step reads.
+        pretrain_config: the pretraining config (its objective is the arm called ``config``).
+        pretrain_overrides: ``--set`` overrides for every arm (e.g. the batch size).
+        objectives: arm name -> extra ``--set`` overrides of that arm (``{}`` = the config as it is).
+        steps: pretraining steps at which the model is probed; 0 is the random initialisation (shared by the arms).
+        export_batch_size: images per batch during export.
+        benchmark_config: the probe benchmark config (logistic regression, budgets of the curve).
+        benchmark_overrides: ``--set`` overrides for every benchmark.
+        experiment: MLflow experiment of the curve's run.
+    """
+
+    name: str = "compute-curve"
+    out: str = "runs/compute_curve"
+    data_root: str | None = None
+    manifest: str = "data_manifests/chest_xray.csv"
+    pretrain_config: str = "configs/pretrain/cxr_64.yaml"
+    pretrain_overrides: list[str] = field(default_factory=list)
+    objectives: dict[str, Any] = field(default_factory=lambda: {"config": [], "reconstruction": ["objective.name=reconstruction", "objective.params={}"]})
+    steps: list[int] = field(default_factory=lambda: [0, 616, 2464, 9856])
+    export_batch_size: int = 128
+    benchmark_config: str = "configs/benchmark/pneumonia_curve.yaml"
+    benchmark_overrides: list[str] = field(default_factory=list)
+    experiment: str = "vqmed-compute-curve"
+
+    def validate(self) -> None:
+        for key in ("pretrain_config", "benchmark_config"):
+            _check(Path(getattr(self, key)).is_file(), key, f"file not found: {getattr(self, key)}")
+        _check(len(self.objectives) > 0, "objectives", "must name at least one arm")
+        for arm, overrides in self.objectives.items():
+            _check(isinstance(overrides, list) and all(isinstance(o, str) for o in overrides), f"objectives.{arm}",
+                   f"must be a list of section.key=value overrides, got {overrides!r}")
+        _check(len(self.steps) > 0 and all(isinstance(s, int) and s >= 0 for s in self.steps), "steps",
+               f"must be a non-empty list of steps >= 0, got {self.steps}")
+        _check(max(self.steps) > 0, "steps", "needs at least one step > 0")
         _check(self.export_batch_size >= 1, "export_batch_size", "must be >= 1")
 
 

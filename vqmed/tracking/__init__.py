@@ -7,6 +7,7 @@ figures every stage logs (reconstruction grid and per-epoch GIF, loss curves, co
 efficiency), the reachability check of a tracking server, and serving MLflow's UI (``vqmed ui``).
 """
 
+from vqmed.tracking.curves import compute_curve_plot, log_compute_curve
 from vqmed.tracking.figures import (
     label_efficiency_plot,
     loss_curves,
@@ -31,6 +32,8 @@ from vqmed.tracking.server import TrackingServerError, check_tracking_server
 from vqmed.tracking.ui import serve_ui, stop_ui, wait_for_ui
 
 __all__ = [
+    "compute_curve_plot",
+    "log_compute_curve",
     "TrackingServerError",
     "check_tracking_server",
     "default_tracking_uri",

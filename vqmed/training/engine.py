@@ -274,6 +274,18 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
 
+    def _snapshot(self, path: Path) -> None:
+        """A model-only checkpoint (no optimiser state), loadable by ``load_model`` and ``vqmed export``."""
+        if self.rt.is_main:
+            state = {k: v for k, v in self._state([rng_state()]).items()
+                     if k not in ("optimizer_state", "scheduler_state", "frames")}
+            atomic_save({"format": "vqmed-checkpoint-v1", **state}, path)
+
+    def _keep_snapshot(self) -> None:
+        """``checkpoints/step_NNNNNN.pt`` at the steps of ``train.keep_checkpoints_at`` (compute curves)."""
+        if self.step in self.cfg.train.keep_checkpoints_at:
+            self._snapshot(self.ckpt_dir / f"step_{self.step:06d}.pt")
+
     # -------------------------------------------------------------------------------------- training
     def _batches(self, skip: int) -> Iterator[tuple[torch.Tensor, float]]:
         """Yield (views ``[B, views, C, *spatial]``, seconds waited for them) for the rest of the epoch."""
@@ -316,6 +328,8 @@ class Trainer:
     def run(self) -> dict[str, Any] | None:
         cfg = self.cfg
         self._start_tracking()
+        if self.step == 0:
+            self._keep_snapshot()  # step 0: the random initialisation, the compute curve's first point
         deadline = time.monotonic() + cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
         images_seen, train_seconds = 0, 0.0
         stopped_by: int | None = None
@@ -347,6 +361,7 @@ class Trainer:
                     if any_rank(stop.signal is not None or out_of_time, self.rt):
                         stopped_by = stop.signal if stop.signal is not None else 0
                         break
+                    self._keep_snapshot()
                     if self.step >= self.total_steps:
                         break
                     if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
@@ -467,11 +482,7 @@ class Trainer:
         from vqmed.tracking import log_figure, loss_curves, reconstruction_gif, reconstruction_grid, usage_histogram
 
         final = self.out / "final.pt"
-        atomic_save(
-            {"format": "vqmed-checkpoint-v1", **{k: v for k, v in self._state([rng_state()]).items()
-                                                 if k not in ("optimizer_state", "scheduler_state", "frames")}},
-            final,
-        )
+        self._snapshot(final)
         mlflow.log_artifact(str(final), artifact_path="checkpoints")
         figures = self.out / "figures"
         figures.mkdir(exist_ok=True)
@@ -497,6 +508,7 @@ class Trainer:
             "val_ssim": val["val_ssim"],
             "codebook_usage": self.last_stats["codebook/usage"],
             "perplexity": self.last_stats["codebook/perplexity"],
+            "objective": self.cfg.objective.name,
             "epochs": self.epoch,
             "steps": self.step,
             "train_images_per_second": images_per_second,
