@@ -282,8 +282,7 @@ def test_grid_variants_pool_the_code_maps(vq: FeatureSource) -> None:
 
 
 def test_encoder_stats_variant_puts_mean_and_spread_side_by_side() -> None:
-    from vqmed.config import PROBE_VARIANTS
-    from vqmed.downstream.features import COMBINED_VARIANTS, DIRECT_VARIANTS
+    from vqmed.downstream.features import COMBINED_VARIANTS, DIRECT_VARIANTS, VARIANTS
 
     rng = np.random.default_rng(0)
     arrays = {"encoder_grid": rng.normal(size=(6, 32)).astype(np.float16), "encoder_grid_std": rng.random((6, 32)).astype(np.float16)}
@@ -293,8 +292,8 @@ def test_encoder_stats_variant_puts_mean_and_spread_side_by_side() -> None:
     np.testing.assert_array_equal(stats[:, 32:], arrays["encoder_grid_std"].astype(np.float32))
     with pytest.raises(KeyError, match="encoder_grid_std"):
         feature_variant("encoder_stats", {"encoder_grid": arrays["encoder_grid"]}, None)
-    # the config validates against the same names the features module builds
-    assert PROBE_VARIANTS == set(DIRECT_VARIANTS) | set(COMBINED_VARIANTS)
+    # the registry the config validates against is the set of names the features module builds
+    assert set(VARIANTS) == set(DIRECT_VARIANTS) | set(COMBINED_VARIANTS)
 
 
 def test_code_map_cnn_learns_and_is_a_deterministic_sklearn_estimator(kermany: dict, vq: FeatureSource) -> None:

@@ -78,10 +78,10 @@ class ModelConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _check(self.name in MODEL_NAMES, "model.name", f"must be one of {sorted(MODEL_NAMES)}, got {self.name!r}")
+        # The networks' registry is the one home of the model names (imported here, not copied).
+        from vqmed.networks.factory import MODELS
 
-
-MODEL_NAMES = {"vqvae", "vqvae2", "monai_vqvae"}
+        _check(self.name in MODELS, "model.name", f"must be one of {sorted(MODELS)}, got {self.name!r}")
 
 
 @dataclass
@@ -176,6 +176,11 @@ class TrackingConfig:
     log_model: bool = True
     gif_every: int = 1
 
+    def validate(self) -> None:
+        _check(bool(self.experiment and self.experiment.strip()), "tracking.experiment", "must be a non-empty name")
+        _check(self.tracking_uri is None or bool(self.tracking_uri.strip()), "tracking.tracking_uri", "must be null or a URI")
+        _check(self.gif_every >= 1, "tracking.gif_every", f"must be >= 1 (epochs between animation frames), got {self.gif_every}")
+
 
 @dataclass
 class PretrainConfig:
@@ -195,6 +200,7 @@ class PretrainConfig:
         self.model.validate()
         self.objective.validate()
         self.train.validate()
+        self.tracking.validate()
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -378,14 +384,6 @@ class BudgetConfig:
         _check(self.full_draws >= 1, "budgets.full_draws", f"must be >= 1, got {self.full_draws}")
 
 
-# keep in step with vqmed.downstream.features (DIRECT_VARIANTS, COMBINED_VARIANTS): config imports no room
-PROBE_VARIANTS = {
-    "quantized_mean", "code_histogram", "continuous_mean", "continuous_grid", "encoder_grid", "encoder_grid_std",
-    "encoder_stats",
-}
-PROBE_CLASSIFIERS = {"logreg", "linsvm", "knn", "mlp", "code_cnn"}
-
-
 @dataclass
 class ProbeConfig:
     """Classifiers on frozen features and their model selection inside the labeled subset.
@@ -439,9 +437,12 @@ class ProbeConfig:
         _check(self.selection in ("one_se", "best"), "probes.selection", f"must be 'one_se' or 'best', got {self.selection!r}")
         _check(self.standardize in ("pool", "subset"), "probes.standardize", f"must be 'pool' or 'subset', got {self.standardize!r}")
         _check(len(self.variants) > 0, "probes.variants", "must list at least one feature variant")
+        # The downstream room's registry is the one home of the variant names and the grid parser.
+        from vqmed.downstream.features import VARIANTS, parse_grid_variant
+
         for i, v in enumerate(self.variants):
-            ok = v in PROBE_VARIANTS or _grid_variant(v) is not None
-            _check(ok, f"probes.variants[{i}]", f"unknown variant {v!r}; use {sorted(PROBE_VARIANTS)} or codes_grid_hist_GxG / codes_grid_mean_GxG")
+            ok = v in VARIANTS or parse_grid_variant(v) is not None
+            _check(ok, f"probes.variants[{i}]", f"unknown variant {v!r}; use {sorted(VARIANTS)} or codes_grid_hist_GxG / codes_grid_mean_GxG")
         _check_classifiers(self.classifiers, "probes.classifiers")
         _check(self.cv_folds >= 2, "probes.cv_folds", f"must be >= 2, got {self.cv_folds}")
         for key in ("logreg_c", "svm_c", "mlp_alpha"):
@@ -454,20 +455,12 @@ class ProbeConfig:
 
 
 def _check_classifiers(names: list[str], key: str) -> None:
+    # The probes' registry is the one home of the classifier names (imported here, not copied).
+    from vqmed.downstream.probes import CLASSIFIERS
+
     _check(len(names) > 0, key, "must list at least one classifier")
     for i, c in enumerate(names):
-        _check(c in PROBE_CLASSIFIERS, f"{key}[{i}]", f"must be one of {sorted(PROBE_CLASSIFIERS)}, got {c!r}")
-
-
-def _grid_variant(name: str) -> tuple[str, int] | None:
-    """``codes_grid_hist_4x4`` -> ``("hist", 4)``; ``None`` when the name is not a grid variant."""
-    for kind in ("hist", "mean"):
-        prefix = f"codes_grid_{kind}_"
-        if name.startswith(prefix):
-            size = name[len(prefix):].split("x")
-            if len(size) == 2 and size[0] == size[1] and size[0].isdigit() and int(size[0]) >= 1:
-                return kind, int(size[0])
-    return None
+        _check(c in CLASSIFIERS, f"{key}[{i}]", f"must be one of {list(CLASSIFIERS)}, got {c!r}")
 
 
 @dataclass
