@@ -307,20 +307,69 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
-    """Load, override and validate a config of dataclass type ``cls`` (e.g. :class:`PretrainConfig`)."""
-    raw = apply_overrides(load_yaml(path), overrides or [])
+def load_config(cls: type, path: str | Path | None, overrides: list[str] | None = None) -> Any:
+    """Load, override and validate a config of dataclass type ``cls`` (e.g. :class:`PretrainConfig`).
+
+    ``path=None`` starts from the dataclass's defaults (for commands whose config file is optional).
+    """
+    raw = apply_overrides(load_yaml(path) if path is not None else {}, overrides or [])
     try:
         cfg = from_dict(cls, raw)
         cfg.validate()
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path if path is not None else 'command line'}: {exc}") from None
     return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain nested dicts (for YAML dumps and MLflow params)."""
     return dataclasses.asdict(cfg)
+
+
+@dataclass
+class ExportConfig:
+    """Export of a frozen model's code maps and features: ``vqmed export --config configs/export/default.yaml``.
+
+    Every field's default is here, once; ``vqmed export`` flags (``--model``, ``--batch-size``, ...) and
+    ``--set key=value`` override the YAML file.
+
+    Args:
+        model: checkpoint file, pretraining output directory or MLflow run id (``--model``).
+        manifest: manifest CSV of the images to export (``--manifest``).
+        out: the store directory (``--out``).
+        data_root: root of the manifest paths (``None``: ``VQMED_DATA_ROOT`` or ``../shared/data``).
+        batch_size: images per encoder call.
+        arrays: feature arrays to write (``vqmed.export.features.ARRAYS``; the code maps are always
+            written); ``None``: every array the model gives.
+        keep_ids: keep the manifest's study/series ids instead of salted hashes.
+        nifti: also write 3D code maps as NIfTI on the scan's grid.
+        cache_dir: image cache of the data loader (e.g. the pretraining's ``.vqmed_cache``); ``None``:
+            decode in memory.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    model: str | None = None
+    manifest: str | None = None
+    out: str | None = None
+    data_root: str | None = None
+    batch_size: int = 64
+    arrays: list[str] | None = None
+    keep_ids: bool = False
+    nifti: bool = False
+    cache_dir: str | None = None
+    device: str = "auto"
+
+    def validate(self) -> None:
+        for key in ("model", "manifest", "out"):
+            _check(getattr(self, key) is not None, key, f"is required (in the YAML file or as --{key})")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+        if self.arrays is not None:
+            # The export room's registry is the one home of the array names (imported here, not copied).
+            from vqmed.export.features import ARRAYS
+
+            for i, name in enumerate(self.arrays):
+                _check(name in ARRAYS, f"arrays[{i}]", f"must be one of {list(ARRAYS)}, got {name!r}")
 
 
 @dataclass
@@ -335,7 +384,7 @@ class PipelineConfig:
         manifest: manifest CSV written by the first step and read by the others.
         pretrain_config: pretraining config; its ``data.manifests`` is replaced by ``manifest``.
         pretrain_overrides: ``--set`` overrides for the pretraining step.
-        export_batch_size: images per batch during export.
+        export_batch_size: images per batch during export (default: ``ExportConfig``'s).
         benchmark_config: benchmark config; its export directory is set by the pipeline.
         benchmark_overrides: ``--set`` overrides for the benchmark step.
     """
@@ -347,7 +396,7 @@ class PipelineConfig:
     manifest: str = "data_manifests/chest_xray.csv"
     pretrain_config: str = "configs/pretrain/cxr_64.yaml"
     pretrain_overrides: list[str] = field(default_factory=list)
-    export_batch_size: int = 128
+    export_batch_size: int = ExportConfig.batch_size
     benchmark_config: str = "configs/benchmark/pneumonia.yaml"
     benchmark_overrides: list[str] = field(default_factory=list)
 
