@@ -601,7 +601,14 @@ class BenchmarkConfig:
             or ``../shared/data``).
         image_size: side of the raw-pixel images of the pixel baselines and the scratch CNN.
         train_split: split the labeled subsets are drawn from.
-        test_split: split every method is evaluated on (never used for tuning).
+        test_split: split every method is evaluated on with ``evaluate_on: test`` (never used for tuning).
+        evaluate_on: ``test`` (labels from the whole training split, the test split scored) or
+            ``validation`` (labels, folds and feature scales from the training split less the patients of
+            ``validation_patients``, whose training images are scored; the test split is never read).
+            Choose objectives, weights, pretraining lengths and feature variants with ``validation``;
+            score the final choice once with ``test``.
+        validation_patients: patient list CSV (``#`` comment lines, a ``patient_id`` column), e.g.
+            ``data_manifests/chest_xray_validation_patients.csv``; needed by ``evaluate_on: validation``.
         positive_label: the positive class; every other label is negative.
         threads: torch and BLAS threads of each worker (1 keeps results bit-reproducible).
         jobs: worker processes running label draws side by side; every draw has its own seeds, so
@@ -617,6 +624,8 @@ class BenchmarkConfig:
     image_size: int = 64
     train_split: str = "train"
     test_split: str = "test"
+    evaluate_on: str = "test"
+    validation_patients: str | None = None
     positive_label: str = "PNEUMONIA"
     threads: int = 1
     jobs: int = 1
@@ -633,8 +642,17 @@ class BenchmarkConfig:
         _check(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         _check(self.jobs >= 1, "jobs", f"must be >= 1, got {self.jobs}")
         _check(self.train_split != self.test_split, "test_split", "must differ from train_split")
+        _check(self.evaluate_on in ("test", "validation"), "evaluate_on", f"must be 'test' or 'validation', got {self.evaluate_on!r}")
+        _check(
+            self.evaluate_on != "validation" or self.validation_patients is not None,
+            "validation_patients",
+            "evaluate_on: validation needs a patient list (e.g. data_manifests/chest_xray_validation_patients.csv)",
+        )
+        if self.validation_patients is not None:
+            _check(Path(self.validation_patients).is_file(), "validation_patients", f"file not found: {self.validation_patients}")
         self.budgets.validate()
         self.probes.validate()
         self.cnn.validate()
         self.baselines.validate()
         self.metrics.validate()
+        self.tracking.validate()
