@@ -222,24 +222,98 @@ def test_threshold_comes_from_out_of_fold_scores() -> None:
     assert m["sensitivity"] == pytest.approx(2 / 3) and m["specificity"] == pytest.approx(1.0)
 
 
-def test_threshold_never_sees_test_labels(kermany: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Scrambling the test labels changes the metrics but no choice: thresholds, CV AUCs, selections."""
+def test_test_split_makes_no_selection(kermany: dict, vq: FeatureSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scrambling the test labels changes the metrics but no choice: per method, budget and draw the chosen
+    classifier, its hyper-parameters, its threshold and CV AUC (and every candidate's) stay the same."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    cfg = _tiny_cfg(**{"budgets.per_class": "[]", "budgets.draws": 1, "baselines.pca": False, "baselines.cnn_scratch": False, "baselines.random_encoder": False})
+    cfg = _tiny_cfg(**{
+        "budgets.fractions": "[0.02]", "budgets.per_class": "[10]", "budgets.draws": 2, "probes.classifiers": "[logreg, knn]",
+        "probes.knn_k": "[3, 5]", "baselines.cnn_scratch": False, "baselines.random_encoder": False,
+    })
     index = kermany["index"]
     scrambled = index.copy()
     test = scrambled["split"] == "test"
     scrambled.loc[test, "label"] = np.random.default_rng(0).permutation(scrambled.loc[test, "label"].to_numpy())
     runs = []
     for name, idx in (("true", index), ("scrambled", scrambled)):
-        run_benchmark_on_features(idx, {}, kermany["pixels"], cfg, tmp_path / name, verbose=False)
-        runs.append(pd.read_csv(tmp_path / name / "benchmark.csv"))
+        run_benchmark_on_features(idx, {"vqvae": vq}, kermany["pixels"], cfg, tmp_path / name, verbose=False)
+        runs.append(pd.read_csv(tmp_path / name / "benchmark.csv").query("metric == 'auc'"))
     a, b = runs
-    for col in ("threshold", "cv_auc", "selected", "params", "n_labels"):
+    # a real choice is made: two classifiers (x hyper-parameters) per feature variant, per draw
+    assert {"vqvae[code_histogram+logreg]", "vqvae[code_histogram+knn]"} <= set(a.method)
+    assert a.loc[a.method == "vqvae", "params"].nunique() >= 1 and len(a) == len(b)
+    for col in ("method", "budget", "draw", "selected", "params", "threshold", "cv_auc", "n_labels"):
         assert a[col].tolist() == b[col].tolist(), col
-    auc_a = a.loc[a.metric == "auc", "value"].to_numpy()
-    auc_b = b.loc[b.metric == "auc", "value"].to_numpy()
-    assert auc_a.min() > 0.75 and np.abs(auc_b - 0.5).max() < 0.1
+    pixels_a = a.loc[a.method == "raw_pixels_logreg", "value"].to_numpy()
+    pixels_b = b.loc[b.method == "raw_pixels_logreg", "value"].to_numpy()
+    assert pixels_a.min() > 0.75 and np.abs(pixels_b - 0.5).max() < 0.1  # the scores did see the scrambled labels
+
+
+def _validation_list(kermany: dict, path: Path, share: float = 0.2) -> set[str]:
+    """A committed-style patient list (comment lines, ``patient_id``) of ``share`` of the train patients."""
+    patients = np.unique(kermany["groups"][kermany["train"]])
+    chosen = set(np.random.default_rng(1).choice(patients, size=int(share * len(patients)), replace=False).tolist())
+    path.write_text("# validation patients for a test\n# drawn by patient\npatient_id\n" + "\n".join(sorted(chosen)) + "\n")
+    return chosen
+
+
+def test_validation_mode_scores_the_listed_patients_and_never_reads_the_test_split(
+    kermany: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``evaluate_on: validation``: the scored rows are exactly the listed patients' training images, none
+    of them is ever drawn into a labeled subset, and the test split is not read (NaN test pixels do no harm)."""
+    from vqmed.downstream.engine import prepare_rows
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    listed = _validation_list(kermany, tmp_path / "validation.csv")
+    cfg = _tiny_cfg(**{
+        "evaluate_on": "validation", "validation_patients": str(tmp_path / "validation.csv"), "budgets.draws": 2,
+        "probes.classifiers": "[logreg]", "baselines.cnn_scratch": False, "baselines.random_encoder": False,
+    })
+    groups, train = kermany["groups"], kermany["train"]
+    expected = np.flatnonzero(train & np.isin(groups, list(listed)))
+    data = prepare_rows(kermany["index"], cfg, listed)
+    assert np.array_equal(data["test_rows"], expected)
+    assert np.array_equal(data["train_rows"], np.flatnonzero(train & ~np.isin(groups, list(listed))))
+    for budget in make_budgets(cfg.budgets.fractions, cfg.budgets.per_class):
+        for draw in range(cfg.budgets.draws):
+            drawn = data["train_rows"][draw_labeled_subset(data["y_train"], data["groups_train"], budget, cfg.seed, draw)]
+            assert not set(groups[drawn]) & listed and train[drawn].all()
+
+    pixels = kermany["pixels"].copy()
+    pixels[~train] = np.nan  # were the test split read (scored or pooled), its NaNs would break the run
+    summary = run_benchmark_on_features(kermany["index"], {}, pixels, cfg, tmp_path / "val", verbose=False)
+    assert summary["evaluated_on"] == "validation" and summary["n_test"] == len(expected)
+    assert summary["n_train"] == len(data["train_rows"]) and "classifier" in summary["choices"]
+    assert all(np.isfinite(r["auc_mean"]) and r["auc_mean"] > 0.7 for r in summary["results"])
+    md = (tmp_path / "val" / "summary.md").read_text()
+    assert "Evaluated on: **validation**" in md and "Which split made which choice" in md and "table_markdown" in summary
+
+    # the test protocol on the same rows is unchanged and says so
+    test_summary = run_benchmark_on_features(kermany["index"], {}, kermany["pixels"], _tiny_cfg(**{
+        "budgets.draws": 1, "probes.classifiers": "[logreg]", "baselines.cnn_scratch": False, "baselines.random_encoder": False,
+    }), tmp_path / "test", verbose=False)
+    assert test_summary["evaluated_on"] == "test" and test_summary["n_test"] == int((~train).sum())
+
+
+def test_validation_config_errors_are_clear(kermany: dict, tmp_path: Path) -> None:
+    from vqmed.downstream.engine import prepare_rows
+
+    path = REPO / "configs" / "benchmark" / "pneumonia.yaml"
+    with pytest.raises(ConfigError, match="validation_patients: evaluate_on: validation needs a patient list"):
+        load_config(BenchmarkConfig, path, ["evaluate_on=validation"])
+    with pytest.raises(ConfigError, match="validation_patients: file not found"):
+        load_config(BenchmarkConfig, path, ["evaluate_on=validation", f"validation_patients={tmp_path / 'missing.csv'}"])
+    with pytest.raises(ConfigError, match="evaluate_on: must be"):
+        load_config(BenchmarkConfig, path, ["evaluate_on=train"])
+    committed = REPO / "data_manifests" / "chest_xray_validation_patients.csv"
+    cfg = load_config(BenchmarkConfig, path, ["evaluate_on=validation", f"validation_patients={committed}"])
+    # the fixture's patient ids carry a split prefix ("train/person1"): the committed list matches none of them
+    from vqmed.data import read_patient_list
+
+    with pytest.raises(ConfigError, match="shares no patient"):
+        prepare_rows(kermany["index"], cfg, set(read_patient_list(committed)))
+    assert len(read_patient_list(committed)) > 100
 
 
 def test_pool_standardisation_uses_the_training_split_only(kermany: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -282,8 +356,7 @@ def test_grid_variants_pool_the_code_maps(vq: FeatureSource) -> None:
 
 
 def test_encoder_stats_variant_puts_mean_and_spread_side_by_side() -> None:
-    from vqmed.config import PROBE_VARIANTS
-    from vqmed.downstream.features import COMBINED_VARIANTS, DIRECT_VARIANTS
+    from vqmed.downstream.features import COMBINED_VARIANTS, DIRECT_VARIANTS, VARIANTS
 
     rng = np.random.default_rng(0)
     arrays = {"encoder_grid": rng.normal(size=(6, 32)).astype(np.float16), "encoder_grid_std": rng.random((6, 32)).astype(np.float16)}
@@ -293,8 +366,8 @@ def test_encoder_stats_variant_puts_mean_and_spread_side_by_side() -> None:
     np.testing.assert_array_equal(stats[:, 32:], arrays["encoder_grid_std"].astype(np.float32))
     with pytest.raises(KeyError, match="encoder_grid_std"):
         feature_variant("encoder_stats", {"encoder_grid": arrays["encoder_grid"]}, None)
-    # the config validates against the same names the features module builds
-    assert PROBE_VARIANTS == set(DIRECT_VARIANTS) | set(COMBINED_VARIANTS)
+    # the registry the config validates against is the set of names the features module builds
+    assert set(VARIANTS) == set(DIRECT_VARIANTS) | set(COMBINED_VARIANTS)
 
 
 def test_code_map_cnn_learns_and_is_a_deterministic_sklearn_estimator(kermany: dict, vq: FeatureSource) -> None:
@@ -484,6 +557,21 @@ def test_vqmed_benchmark_cli_on_an_export_store(tmp_path: Path, monkeypatch: pyt
     with sqlite3.connect(tmp_path / "mlflow.db") as con:
         tagged = con.execute("select run_uuid from tags where key = 'vqmed.pretrain_run_id' and value = ?", (run_id,)).fetchall()
     assert [r[0] for r in tagged] == [summary["mlflow_parent_run_id"]]
+
+    # the validation protocol on the store: the committed patient list, matched through the store's salted
+    # patient keys; only the training split's images are read
+    committed = REPO / "data_manifests" / "chest_xray_validation_patients.csv"
+    listed = set(pd.read_csv(committed, comment="#", dtype=str)["patient_id"])
+    train_small = pd.read_csv(small).query("split == 'train'")
+    args = [str(tmp_path / "bench_val") if a == str(out) else a for a in args]
+    args += ["--set", "evaluate_on=validation", "--set", f"validation_patients={committed}", "--set", "budgets.fractions=[]"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    val = json.loads((tmp_path / "bench_val" / "summary.json").read_text())
+    assert val["evaluated_on"] == "validation"
+    assert val["n_test"] == int(train_small["patient_id"].isin(listed).sum()) > 0
+    assert val["n_train"] == int((~train_small["patient_id"].isin(listed)).sum())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from vqmed.models_io.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 KERMANY = ROOT / "data_manifests" / "chest_xray.csv"
+REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
 # A small, fast 2D model: 64x64 -> 16x16 codes from a 64-entry codebook.
 SMALL = dict(spatial_dims=2, in_channels=1, out_channels=1, channels=(16, 32), num_res_layers=(1, 1),
@@ -456,6 +457,43 @@ def test_clear_errors(checkpoint, small_manifest, data_root, exported, tmp_path)
         export_manifest(other_ckpt, small_manifest, exported[0], data_root, progress=False)
     with pytest.raises(StoreError, match="not an export store"):
         load(tmp_path)
+
+
+def test_export_yaml_config_flags_override_it_and_arrays_select(checkpoint, small_manifest, data_root, exported, tmp_path):
+    """``configs/export/default.yaml`` holds ExportConfig's defaults; ``vqmed export --config`` with flags
+    overriding it writes only the chosen feature arrays (the code maps always), and the old flags still work."""
+    from vqmed.cli import main
+    from vqmed.config import ConfigError, ExportConfig, load_config
+
+    default = REPO / "configs" / "export" / "default.yaml"
+    required = ["model=m", "manifest=x.csv", "out=o"]
+    assert load_config(ExportConfig, default, required) == load_config(ExportConfig, None, required)
+    assert ExportConfig().batch_size == export_manifest.__defaults__[1]  # one default for the batch size
+    with pytest.raises(ConfigError, match="model: is required"):
+        load_config(ExportConfig, default)
+    with pytest.raises(ConfigError, match=r"arrays\[0\]: must be one of"):
+        load_config(ExportConfig, default, [*required, "arrays=[pixels]"])
+
+    few = tmp_path / "few.csv"
+    read_manifest(small_manifest).head(12).to_csv(few, index=False)
+    out = tmp_path / "store"
+    args = ["export", "--config", str(default), "--model", str(checkpoint), "--manifest", str(few), "--out", str(out),
+            "--data-root", str(data_root), "--batch-size", "5", "--arrays", "encoder_grid,code_histogram", "--quiet"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    store = load(out)
+    assert set(store.array_names) == {"codes", "encoder_grid", "code_histogram"} and len(store.index) == 12
+    full = load(exported[0])
+    # the same codes as the complete export of the same rows (batch size and array choice change nothing)
+    position = pd.Series(np.arange(len(full.index)), index=full.index["key"].to_numpy())
+    np.testing.assert_array_equal(store.array("codes"), full.array("codes")[position.loc[store.index["key"]].to_numpy()])
+    # the flags alone (no --config) still make a complete export
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", str(checkpoint), "--manifest", str(few), "--out", str(tmp_path / "flags"),
+              "--data-root", str(data_root), "--quiet"])
+    assert exit_info.value.code == 0
+    assert set(load(tmp_path / "flags").array_names) == set(full.array_names)
 
 
 def test_progress_bar_shown_and_quiet(checkpoint, small_manifest, data_root, tmp_path, capsys, monkeypatch):

@@ -78,6 +78,16 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(PretrainConfig, path, ["train.amp=fp8"])
     cfg = load_config(PretrainConfig, path, ["train.epochs=3", "model.params.channels=[8, 16]"])
     assert cfg.train.epochs == 3 and cfg.model.params["channels"] == [8, 16]
+    # the tracking section is validated too (gif_every 0 used to be a ZeroDivisionError mid-run)
+    with pytest.raises(ConfigError, match="tracking.gif_every: must be >= 1"):
+        load_config(PretrainConfig, path, ["tracking.gif_every=0"])
+    with pytest.raises(ConfigError, match="tracking.experiment: must be a non-empty name"):
+        load_config(PretrainConfig, path, ["tracking.experiment=' '"])
+    # model names come from the networks' registry: the message lists exactly what build_model accepts
+    from vqmed.networks.factory import MODELS
+
+    with pytest.raises(ConfigError, match=re.escape(f"model.name: must be one of {sorted(MODELS)}")):
+        load_config(PretrainConfig, path, ["model.name=vqgan"])
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path):

@@ -399,3 +399,34 @@ def test_serve_ui_refuses_a_taken_port_and_skips_remote_servers(tmp_path, capsys
             serve_ui(port=port, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", block=False)
     assert serve_ui(tracking_uri="http://tracking.example:5000", block=False) is None
     assert "http://tracking.example:5000" in capsys.readouterr().out
+
+
+def test_label_efficiency_plot_tells_every_reference_method_apart() -> None:
+    """The five reference methods each get their own colour, marker and line style, lines that coincide
+    (raw pixels and PCA, identical AUCs here) are dodged apart, and variants go to a second panel."""
+    # the benchmark's reference methods (vqmed.downstream.report.PRIMARY_ORDER); the tracking room knows no benchmark
+    PRIMARY_ORDER = ("vqvae", "random_encoder", "raw_pixels_logreg", "pca_logreg", "cnn_scratch")
+    methods = [*PRIMARY_ORDER, "vqvae:code_histogram", "vqvae[encoder_stats+logreg]"]
+    rows = []
+    for i, method in enumerate(methods):
+        base = 0.8 if method in ("raw_pixels_logreg", "pca_logreg") else 0.7 + 0.02 * i
+        rows += [(method, n, base + 0.05 * k, base + 0.05 * k - 0.03, base + 0.05 * k + 0.03) for k, n in enumerate((20, 52, 522))]
+    df = pd.DataFrame(rows, columns=["method", "n_labels", "auc_mean", "auc_low", "auc_high"])
+    fig = label_efficiency_plot(df, title="Test ROC AUC", reference=PRIMARY_ORDER)
+    left, right = fig.axes
+    lines = {line.get_label(): line for line in left.get_lines() if line.get_label() != "chance"}
+    assert list(lines) == list(PRIMARY_ORDER)
+    # a custom dash pattern reads back as "--": compare the dash patterns themselves
+    styles = {
+        "colour": [line.get_color() for line in lines.values()],
+        "marker": [line.get_marker() for line in lines.values()],
+        "dashes": [str(line._unscaled_dash_pattern) for line in lines.values()],
+    }
+    for what, values in styles.items():
+        assert len(set(values)) == len(values), (what, values)
+    raw, pca = lines["raw_pixels_logreg"], lines["pca_logreg"]
+    assert np.array_equal(raw.get_ydata(), pca.get_ydata()) and not np.allclose(raw.get_xdata(), pca.get_xdata())
+    assert [line.get_label() for line in right.get_lines() if line.get_label() != "chance"] == methods[5:]
+    assert [t.get_text() for t in left.get_xticklabels()] == ["20", "52", "522"]  # ticks stay on the true budgets
+    # without a reference list: one panel, every method
+    assert len(label_efficiency_plot(df).axes) == 1

@@ -67,17 +67,29 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from vqmed.config import ExportConfig, load_config
     from vqmed.export import export_manifest
 
+    # the flags are shorthands for --set overrides of the YAML config (or of ExportConfig's defaults)
+    overrides = list(args.set or [])
+    flags = {"model": args.model, "manifest": args.manifest, "out": args.out, "data_root": args.data_root,
+             "batch_size": args.batch_size, "keep_ids": args.keep_ids, "nifti": args.nifti}
+    overrides += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    if args.arrays is not None:
+        overrides.append(f"arrays={json.dumps([a.strip() for a in args.arrays.split(',') if a.strip()])}")
+    cfg = load_config(ExportConfig, args.config, overrides)  # no --config: ExportConfig's defaults
     summary = export_manifest(
-        args.model,
-        Path(args.manifest),
-        Path(args.out),
-        data_root=args.data_root,
-        batch_size=args.batch_size,
-        keep_ids=args.keep_ids,
-        write_nifti=args.nifti,
+        cfg.model,
+        Path(cfg.manifest),
+        Path(cfg.out),
+        data_root=cfg.data_root,
+        batch_size=cfg.batch_size,
+        keep_ids=cfg.keep_ids,
+        write_nifti=cfg.nifti,
         progress=not args.quiet,
+        cache_dir=cfg.cache_dir,
+        device=cfg.device,
+        arrays=cfg.arrays,
     )
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -136,13 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=_cmd_pretrain)
 
     exp = sub.add_parser("export", help="export code maps and embeddings of every study with the frozen encoder")
-    exp.add_argument("--model", required=True, help="checkpoint file, pretraining output dir, or MLflow run id")
-    exp.add_argument("--manifest", required=True)
-    exp.add_argument("--out", required=True)
-    exp.add_argument("--data-root")
-    exp.add_argument("--batch-size", type=int, default=64)
-    exp.add_argument("--keep-ids", action="store_true", help="keep the manifest's study ids instead of salted hashes")
-    exp.add_argument("--nifti", action="store_true", help="also write 3D code maps as NIfTI on the scan's grid")
+    exp.add_argument("--config", help="configs/export/NAME.yaml (default: ExportConfig's defaults, as in configs/export/default.yaml)")
+    exp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. batch_size=128")
+    exp.add_argument("--model", help="checkpoint file, pretraining output dir, or MLflow run id (overrides `model`)")
+    exp.add_argument("--manifest", help="manifest CSV (overrides `manifest`)")
+    exp.add_argument("--out", help="store directory (overrides `out`)")
+    exp.add_argument("--data-root", help="overrides `data_root`")
+    exp.add_argument("--batch-size", type=int, help="images per encoder call (overrides `batch_size`)")
+    exp.add_argument("--arrays", help="comma-separated feature arrays to write (overrides `arrays`; code maps always)")
+    exp.add_argument("--keep-ids", action="store_true", default=None, help="keep the manifest's study ids instead of salted hashes")
+    exp.add_argument("--nifti", action="store_true", default=None, help="also write 3D code maps as NIfTI on the scan's grid")
     exp.add_argument("--quiet", action="store_true", help="no progress bar")
     exp.set_defaults(func=_cmd_export)
 

@@ -78,10 +78,10 @@ class ModelConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _check(self.name in MODEL_NAMES, "model.name", f"must be one of {sorted(MODEL_NAMES)}, got {self.name!r}")
+        # The networks' registry is the one home of the model names (imported here, not copied).
+        from vqmed.networks.factory import MODELS
 
-
-MODEL_NAMES = {"vqvae", "vqvae2", "monai_vqvae"}
+        _check(self.name in MODELS, "model.name", f"must be one of {sorted(MODELS)}, got {self.name!r}")
 
 
 @dataclass
@@ -180,6 +180,11 @@ class TrackingConfig:
     log_model: bool = True
     gif_every: int = 1
 
+    def validate(self) -> None:
+        _check(bool(self.experiment and self.experiment.strip()), "tracking.experiment", "must be a non-empty name")
+        _check(self.tracking_uri is None or bool(self.tracking_uri.strip()), "tracking.tracking_uri", "must be null or a URI")
+        _check(self.gif_every >= 1, "tracking.gif_every", f"must be >= 1 (epochs between animation frames), got {self.gif_every}")
+
 
 @dataclass
 class PretrainConfig:
@@ -199,6 +204,7 @@ class PretrainConfig:
         self.model.validate()
         self.objective.validate()
         self.train.validate()
+        self.tracking.validate()
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -305,20 +311,69 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
-    """Load, override and validate a config of dataclass type ``cls`` (e.g. :class:`PretrainConfig`)."""
-    raw = apply_overrides(load_yaml(path), overrides or [])
+def load_config(cls: type, path: str | Path | None, overrides: list[str] | None = None) -> Any:
+    """Load, override and validate a config of dataclass type ``cls`` (e.g. :class:`PretrainConfig`).
+
+    ``path=None`` starts from the dataclass's defaults (for commands whose config file is optional).
+    """
+    raw = apply_overrides(load_yaml(path) if path is not None else {}, overrides or [])
     try:
         cfg = from_dict(cls, raw)
         cfg.validate()
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path if path is not None else 'command line'}: {exc}") from None
     return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain nested dicts (for YAML dumps and MLflow params)."""
     return dataclasses.asdict(cfg)
+
+
+@dataclass
+class ExportConfig:
+    """Export of a frozen model's code maps and features: ``vqmed export --config configs/export/default.yaml``.
+
+    Every field's default is here, once; ``vqmed export`` flags (``--model``, ``--batch-size``, ...) and
+    ``--set key=value`` override the YAML file.
+
+    Args:
+        model: checkpoint file, pretraining output directory or MLflow run id (``--model``).
+        manifest: manifest CSV of the images to export (``--manifest``).
+        out: the store directory (``--out``).
+        data_root: root of the manifest paths (``None``: ``VQMED_DATA_ROOT`` or ``../shared/data``).
+        batch_size: images per encoder call.
+        arrays: feature arrays to write (``vqmed.export.features.ARRAYS``; the code maps are always
+            written); ``None``: every array the model gives.
+        keep_ids: keep the manifest's study/series ids instead of salted hashes.
+        nifti: also write 3D code maps as NIfTI on the scan's grid.
+        cache_dir: image cache of the data loader (e.g. the pretraining's ``.vqmed_cache``); ``None``:
+            decode in memory.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    model: str | None = None
+    manifest: str | None = None
+    out: str | None = None
+    data_root: str | None = None
+    batch_size: int = 64
+    arrays: list[str] | None = None
+    keep_ids: bool = False
+    nifti: bool = False
+    cache_dir: str | None = None
+    device: str = "auto"
+
+    def validate(self) -> None:
+        for key in ("model", "manifest", "out"):
+            _check(getattr(self, key) is not None, key, f"is required (in the YAML file or as --{key})")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+        if self.arrays is not None:
+            # The export room's registry is the one home of the array names (imported here, not copied).
+            from vqmed.export.features import ARRAYS
+
+            for i, name in enumerate(self.arrays):
+                _check(name in ARRAYS, f"arrays[{i}]", f"must be one of {list(ARRAYS)}, got {name!r}")
 
 
 @dataclass
@@ -333,7 +388,7 @@ class PipelineConfig:
         manifest: manifest CSV written by the first step and read by the others.
         pretrain_config: pretraining config; its ``data.manifests`` is replaced by ``manifest``.
         pretrain_overrides: ``--set`` overrides for the pretraining step.
-        export_batch_size: images per batch during export.
+        export_batch_size: images per batch during export (default: ``ExportConfig``'s).
         benchmark_config: benchmark config; its export directory is set by the pipeline.
         benchmark_overrides: ``--set`` overrides for the benchmark step.
     """
@@ -345,7 +400,7 @@ class PipelineConfig:
     manifest: str = "data_manifests/chest_xray.csv"
     pretrain_config: str = "configs/pretrain/cxr_64.yaml"
     pretrain_overrides: list[str] = field(default_factory=list)
-    export_batch_size: int = 128
+    export_batch_size: int = ExportConfig.batch_size
     benchmark_config: str = "configs/benchmark/pneumonia.yaml"
     benchmark_overrides: list[str] = field(default_factory=list)
 
@@ -428,14 +483,6 @@ class BudgetConfig:
         _check(self.full_draws >= 1, "budgets.full_draws", f"must be >= 1, got {self.full_draws}")
 
 
-# keep in step with vqmed.downstream.features (DIRECT_VARIANTS, COMBINED_VARIANTS): config imports no room
-PROBE_VARIANTS = {
-    "quantized_mean", "code_histogram", "continuous_mean", "continuous_grid", "encoder_grid", "encoder_grid_std",
-    "encoder_stats",
-}
-PROBE_CLASSIFIERS = {"logreg", "linsvm", "knn", "mlp", "code_cnn"}
-
-
 @dataclass
 class ProbeConfig:
     """Classifiers on frozen features and their model selection inside the labeled subset.
@@ -489,9 +536,12 @@ class ProbeConfig:
         _check(self.selection in ("one_se", "best"), "probes.selection", f"must be 'one_se' or 'best', got {self.selection!r}")
         _check(self.standardize in ("pool", "subset"), "probes.standardize", f"must be 'pool' or 'subset', got {self.standardize!r}")
         _check(len(self.variants) > 0, "probes.variants", "must list at least one feature variant")
+        # The downstream room's registry is the one home of the variant names and the grid parser.
+        from vqmed.downstream.features import VARIANTS, parse_grid_variant
+
         for i, v in enumerate(self.variants):
-            ok = v in PROBE_VARIANTS or _grid_variant(v) is not None
-            _check(ok, f"probes.variants[{i}]", f"unknown variant {v!r}; use {sorted(PROBE_VARIANTS)} or codes_grid_hist_GxG / codes_grid_mean_GxG")
+            ok = v in VARIANTS or parse_grid_variant(v) is not None
+            _check(ok, f"probes.variants[{i}]", f"unknown variant {v!r}; use {sorted(VARIANTS)} or codes_grid_hist_GxG / codes_grid_mean_GxG")
         _check_classifiers(self.classifiers, "probes.classifiers")
         _check(self.cv_folds >= 2, "probes.cv_folds", f"must be >= 2, got {self.cv_folds}")
         for key in ("logreg_c", "svm_c", "mlp_alpha"):
@@ -504,20 +554,12 @@ class ProbeConfig:
 
 
 def _check_classifiers(names: list[str], key: str) -> None:
+    # The probes' registry is the one home of the classifier names (imported here, not copied).
+    from vqmed.downstream.probes import CLASSIFIERS
+
     _check(len(names) > 0, key, "must list at least one classifier")
     for i, c in enumerate(names):
-        _check(c in PROBE_CLASSIFIERS, f"{key}[{i}]", f"must be one of {sorted(PROBE_CLASSIFIERS)}, got {c!r}")
-
-
-def _grid_variant(name: str) -> tuple[str, int] | None:
-    """``codes_grid_hist_4x4`` -> ``("hist", 4)``; ``None`` when the name is not a grid variant."""
-    for kind in ("hist", "mean"):
-        prefix = f"codes_grid_{kind}_"
-        if name.startswith(prefix):
-            size = name[len(prefix):].split("x")
-            if len(size) == 2 and size[0] == size[1] and size[0].isdigit() and int(size[0]) >= 1:
-                return kind, int(size[0])
-    return None
+        _check(c in CLASSIFIERS, f"{key}[{i}]", f"must be one of {list(CLASSIFIERS)}, got {c!r}")
 
 
 @dataclass
@@ -609,7 +651,14 @@ class BenchmarkConfig:
             or ``../shared/data``).
         image_size: side of the raw-pixel images of the pixel baselines and the scratch CNN.
         train_split: split the labeled subsets are drawn from.
-        test_split: split every method is evaluated on (never used for tuning).
+        test_split: split every method is evaluated on with ``evaluate_on: test`` (never used for tuning).
+        evaluate_on: ``test`` (labels from the whole training split, the test split scored) or
+            ``validation`` (labels, folds and feature scales from the training split less the patients of
+            ``validation_patients``, whose training images are scored; the test split is never read).
+            Choose objectives, weights, pretraining lengths and feature variants with ``validation``;
+            score the final choice once with ``test``.
+        validation_patients: patient list CSV (``#`` comment lines, a ``patient_id`` column), e.g.
+            ``data_manifests/chest_xray_validation_patients.csv``; needed by ``evaluate_on: validation``.
         positive_label: the positive class; every other label is negative.
         threads: torch and BLAS threads of each worker (1 keeps results bit-reproducible).
         jobs: worker processes running label draws side by side; every draw has its own seeds, so
@@ -625,6 +674,8 @@ class BenchmarkConfig:
     image_size: int = 64
     train_split: str = "train"
     test_split: str = "test"
+    evaluate_on: str = "test"
+    validation_patients: str | None = None
     positive_label: str = "PNEUMONIA"
     threads: int = 1
     jobs: int = 1
@@ -641,8 +692,17 @@ class BenchmarkConfig:
         _check(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         _check(self.jobs >= 1, "jobs", f"must be >= 1, got {self.jobs}")
         _check(self.train_split != self.test_split, "test_split", "must differ from train_split")
+        _check(self.evaluate_on in ("test", "validation"), "evaluate_on", f"must be 'test' or 'validation', got {self.evaluate_on!r}")
+        _check(
+            self.evaluate_on != "validation" or self.validation_patients is not None,
+            "validation_patients",
+            "evaluate_on: validation needs a patient list (e.g. data_manifests/chest_xray_validation_patients.csv)",
+        )
+        if self.validation_patients is not None:
+            _check(Path(self.validation_patients).is_file(), "validation_patients", f"file not found: {self.validation_patients}")
         self.budgets.validate()
         self.probes.validate()
         self.cnn.validate()
         self.baselines.validate()
         self.metrics.validate()
+        self.tracking.validate()

@@ -1,8 +1,8 @@
 """vqmed.data: everything between files on disk and model-ready tensors.
 
 Owns the data root rule, manifests (build / read / write / check; paths relative to the data root,
-DICOM ids as salted hashes), DICOM handling (pydicom + pylibjpeg, VOI LUT, MONOCHROME1 inversion),
-patient-grouped splits, the MONAI transform chains, the cached :class:`ImageDataset` with its quarantine of unreadable files,
+DICOM ids as salted hashes), NIfTI orientation to RAS+ (:mod:`.orientation`, shared with the export), DICOM handling (pydicom + pylibjpeg, VOI LUT, MONOCHROME1 inversion),
+patient-grouped splits and committed patient lists, the MONAI transform chains, the cached :class:`ImageDataset` with its quarantine of unreadable files,
 and previews. Knows nothing of models or training.
 """
 
@@ -18,7 +18,7 @@ from vqmed.data.manifest import (
     write_manifest,
 )
 from vqmed.data.preview import preview_files
-from vqmed.data.splits import load_manifests, patient_groups, split_by_patient
+from vqmed.data.splits import load_manifests, patient_groups, read_patient_list, split_by_patient
 from vqmed.data.transforms import ImageSpec, load_image
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "patient_groups",
     "preview_files",
     "read_manifest",
+    "read_patient_list",
     "resolve_data_root",
     "split_by_patient",
     "write_manifest",

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vqmed.data import dicom
 from vqmed.data.errors import UnreadableImageError
+from vqmed.data.orientation import ras_transform
 
 # 2**29 pixels (e.g. a 23,000^2 image or a 512x512x2048 volume): larger headers are refused unread.
 DEFAULT_MAX_PIXELS = 1 << 29
@@ -281,8 +282,7 @@ def _read_nifti(path: Path, frame: int | None, spatial_dims: int, max_pixels: in
     if arr.ndim == 2:
         arr = arr[:, :, None]
     # Reorient to RAS+ (as nibabel's as_closest_canonical and MONAI's Orientationd("RAS") do).
-    ornt = nib.orientations.io_orientation(img.affine)
-    arr = nib.orientations.apply_orientation(arr, nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt("RAS")))
+    arr = nib.orientations.apply_orientation(arr, ras_transform(img.affine))
     # [H,W,D] = axial slices in radiological display (anterior up, patient's right on the viewer's
     # left), stacked inferior -> superior: slice k of a volume is exactly its 2D view.
     arr = arr[::-1, ::-1, :].transpose(1, 0, 2)

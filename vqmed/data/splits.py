@@ -10,7 +10,7 @@ import pandas as pd
 from vqmed.data.errors import ManifestError
 from vqmed.data.manifest import read_manifest
 
-__all__ = ["load_manifests", "patient_groups", "split_by_patient"]
+__all__ = ["load_manifests", "patient_groups", "read_patient_list", "split_by_patient"]
 
 
 def load_manifests(
@@ -45,3 +45,25 @@ def split_by_patient(manifest: pd.DataFrame, val_fraction: float, seed: int) -> 
     val_patients = set(rng.choice(patients, size=n_val, replace=False).tolist())
     is_val = groups.isin(val_patients).to_numpy()
     return manifest[~is_val].reset_index(drop=True), manifest[is_val].reset_index(drop=True)
+
+
+def read_patient_list(path: str | Path) -> list[str]:
+    """The patient ids of a committed patient list (e.g. ``data_manifests/chest_xray_validation_patients.csv``).
+
+    The file is a CSV whose ``#`` lines are comments, with a ``patient_id`` column.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ManifestError: no ``patient_id`` column, or no patient in it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: patient list not found")
+    table = pd.read_csv(path, comment="#", dtype=str)
+    if "patient_id" not in table.columns:
+        raise ManifestError(f"{path}: a patient list needs a 'patient_id' column (has {list(table.columns)})")
+    patients = table["patient_id"].dropna().str.strip()
+    patients = patients[patients != ""].tolist()
+    if not patients:
+        raise ManifestError(f"{path}: the patient list is empty")
+    return patients

@@ -1,4 +1,7 @@
-"""Feature variants of an export: pooled vectors, bags of codes and spatially pooled code maps."""
+"""Feature variants of an export: pooled vectors, bags of codes and spatially pooled code maps.
+
+Owns the variant names (:data:`VARIANTS` and the grid-variant parser), which the config validates against.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,10 @@ DIRECT_VARIANTS = (
 )
 #: Variants that concatenate export arrays: ``encoder_stats`` = per-cell mean and spread of every encoder stage.
 COMBINED_VARIANTS = {"encoder_stats": ("encoder_grid", "encoder_grid_std")}
+#: The variant registry: every fixed variant name a config may list (besides the parsed
+#: ``codes_grid_hist_GxG`` / ``codes_grid_mean_GxG``, see :func:`parse_grid_variant`). The config validates
+#: ``probes.variants`` against these names; they are written nowhere else.
+VARIANTS = (*DIRECT_VARIANTS, *COMBINED_VARIANTS)
 #: Export arrays a benchmark reads: the code maps and every directly usable variant.
 FEATURE_ARRAYS = ("codes", *DIRECT_VARIANTS)
 

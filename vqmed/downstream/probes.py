@@ -30,6 +30,15 @@ from vqmed.downstream.metrics import choose_threshold
 
 Folds = list[tuple[np.ndarray, np.ndarray]]
 
+#: The classifier registry, simplest first (the order ``selection: one_se`` prefers). The one home of these
+#: names: the config validates ``probes.classifiers`` against :data:`CLASSIFIERS`.
+#: Classifiers on feature vectors (scikit-learn pipelines, one per feature variant).
+SKLEARN_PROBES = ("logreg", "linsvm", "knn", "mlp")
+#: Every classifier a config may list: the feature-vector ones and the CNN on the code maps.
+CLASSIFIERS = (*SKLEARN_PROBES, "code_cnn")
+#: Probes the benchmark's baselines use internally (not configurable by name).
+BASELINE_PROBES = ("pca_logreg", "image_cnn")
+
 
 class CappedPCA(TransformerMixin, BaseEstimator):
     """PCA whose component count is capped by the data it is fitted on.

@@ -8,7 +8,24 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["compute_features", "codebooks", "codebook_hash"]
+__all__ = ["ARRAYS", "REQUIRED_ARRAYS", "compute_features", "codebooks", "codebook_hash", "select_arrays"]
+
+#: The array registry: every array :func:`compute_features` can write (the two-level ones for ``vqvae2``,
+#: the encoder ones for vqmed encoders). The export config's ``arrays`` is validated against it.
+ARRAYS = (
+    "codes", "codes_top", "code_histogram", "code_histogram_top", "quantized_mean", "continuous_mean",
+    "continuous_grid", "encoder_grid", "encoder_grid_std",
+)
+#: Always exported, whatever ``arrays`` says: the code maps are the store's product (decode, priors).
+REQUIRED_ARRAYS = ("codes", "codes_top")
+
+
+def select_arrays(features: dict[str, np.ndarray], names: list[str] | tuple[str, ...] | None) -> dict[str, np.ndarray]:
+    """The arrays of ``names`` (``None``: all) plus the code maps, in ``features``' order."""
+    if names is None:
+        return features
+    keep = set(names) | set(REQUIRED_ARRAYS)
+    return {k: v for k, v in features.items() if k in keep}
 
 # uint16 code maps hold at most this many codebook entries.
 MAX_CODES = np.iinfo(np.uint16).max + 1

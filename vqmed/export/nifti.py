@@ -9,6 +9,7 @@ import numpy as np
 
 from vqmed.atomic import commit_temporary, temporary_path
 from vqmed.data import ImageSpec
+from vqmed.data.orientation import canonical_grid
 
 __all__ = ["latent_affine", "NiftiWriter"]
 
@@ -31,20 +32,6 @@ def latent_affine(source_affine: np.ndarray, source_shape: tuple[int, ...], late
     scale[:3, :3] = np.diag(factors)
     scale[:3, 3] = (factors - 1.0) / 2.0
     return np.asarray(source_affine, dtype=np.float64) @ scale
-
-
-def canonical_grid(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Affine and shape of the volume reoriented to RAS+, as the data loader reorients it before resizing.
-
-    Same result as ``nibabel.as_closest_canonical`` but from the header alone (no voxels read).
-    """
-    ornt = nib.orientations.io_orientation(affine)
-    to_ras = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt("RAS"))
-    new_affine = affine @ nib.orientations.inv_ornt_aff(to_ras, shape)
-    new_shape = [0, 0, 0]
-    for axis, (target, _flip) in enumerate(to_ras):
-        new_shape[int(target)] = shape[axis]
-    return new_affine, tuple(new_shape)
 
 
 class NiftiWriter:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from vqmed.data import ImageDataset, ImageSpec, Quarantine, read_manifest, resolve_data_root
 from vqmed.data.privacy import resolve_salt, salted_id
 from vqmed.atomic import TMP_PREFIX, atomic_write, atomic_write_json
-from vqmed.export.features import codebook_hash, codebooks, compute_features
+from vqmed.config import ExportConfig
+from vqmed.export.features import codebook_hash, codebooks, compute_features, select_arrays
 from vqmed.export.store import (
     FORMAT,
     INDEX_FILE,
@@ -259,14 +260,15 @@ def export_manifest(
     manifest_path: str | Path,
     out_dir: str | Path,
     data_root: str | Path | None = None,
-    batch_size: int = 32,
-    keep_ids: bool = False,
-    write_nifti: bool = False,
+    batch_size: int = ExportConfig.batch_size,
+    keep_ids: bool = ExportConfig.keep_ids,
+    write_nifti: bool = ExportConfig.nifti,
     progress: bool = True,
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    cache_dir: str | Path | None = None,
-    device: str = "auto",
+    cache_dir: str | Path | None = ExportConfig.cache_dir,
+    device: str = ExportConfig.device,
+    arrays: list[str] | None = ExportConfig.arrays,
 ) -> dict[str, Any]:
     """Export code maps and pooled embeddings of every manifest image into a sharded store.
 
@@ -288,6 +290,8 @@ def export_manifest(
         cache_dir: image cache of :class:`vqmed.data.ImageDataset` (e.g. the pretraining's ``.vqmed_cache``,
             to reuse images decoded then); ``None`` decodes in memory, one shard's worth at a time.
         device: ``auto``, ``cpu`` or ``cuda``.
+        arrays: feature arrays to write (names of :data:`vqmed.export.features.ARRAYS`; the code maps
+            always); ``None``: every array the model gives. The defaults are :class:`vqmed.config.ExportConfig`'s.
 
     Returns:
         summary: ``exported``, ``skipped`` (already in the store or duplicated in the manifest),
@@ -309,7 +313,8 @@ def export_manifest(
     runtime = init_runtime(device)
     try:
         return _export(model_ref, manifest, Path(out_dir), data_root, batch_size, keep_ids,
-                       write_nifti, progress, shard_size, None if cache_dir is None else Path(cache_dir), runtime, start)
+                       write_nifti, progress, shard_size, None if cache_dir is None else Path(cache_dir), runtime, start,
+                       None if arrays is None else tuple(arrays))
     finally:
         if not was_initialized:
             shutdown(runtime)
@@ -317,7 +322,10 @@ def export_manifest(
 
 def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
             data_root: str | Path | None, batch_size: int, keep_ids: bool, write_nifti: bool, progress: bool,
-            shard_size: int, cache_dir: Path | None, runtime: Runtime, start: float) -> dict[str, Any]:
+            shard_size: int, cache_dir: Path | None, runtime: Runtime, start: float,
+            arrays: tuple[str, ...] | None) -> dict[str, Any]:
+    # One function on purpose (~85 lines): the store lock spans the meta check, the orphan clean-up, this
+    # rank's rows and the index rewrite, and every rank must pass the same barriers in the same order.
     model, info = load_model(model_ref, map_location="cpu")
     spec = image_spec(info)
     if write_nifti and spec.spatial_dims != 3:
@@ -331,7 +339,7 @@ def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
 
     # Feature shapes from one blank image, so every rank agrees on store.json before any data is read.
     probe = torch.zeros((1, spec.channels) + (spec.image_size,) * spec.spatial_dims, device=runtime.device)
-    shapes_probe = compute_features(model, probe)
+    shapes_probe = select_arrays(compute_features(model, probe), arrays)
     arrays_meta = {k: {"dtype": str(v.dtype), "shape": list(v.shape[1:])} for k, v in sorted(shapes_probe.items())}
     model_ref_str = str(Path(model_ref).resolve()) if Path(model_ref).exists() else str(model_ref)
     meta = {
@@ -376,7 +384,7 @@ def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
 
         exported, quarantined = _run(model, manifest, mine, keys, root, spec, out, salt, keep_ids, shapes,
                                      write_nifti, batch_size, shard_size, cache_dir, progress, runtime,
-                                     {"model_id": model_id, "codebook_hash": book_hash})
+                                     {"model_id": model_id, "codebook_hash": book_hash}, arrays)
         if codebook_hash(codebooks(model)) != book_hash:
             raise RuntimeError("the codebook changed during export; the model is not frozen in eval mode")
 
@@ -405,7 +413,7 @@ def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
 def _run(model: nn.Module, manifest: pd.DataFrame, mine: list[int], keys: list[str], root: Path, spec: ImageSpec,
          out: Path, salt: str, keep_ids: bool, shapes: dict[str, str], write_nifti: bool, batch_size: int,
          shard_size: int, cache_dir: Path | None, progress: bool, runtime: Runtime,
-         fixed: dict[str, Any]) -> tuple[int, int]:
+         fixed: dict[str, Any], arrays: tuple[str, ...] | None) -> tuple[int, int]:
     """Encode this rank's rows batch by batch and commit shards as they fill; returns (exported, quarantined)."""
     # Unreadable files are never committed, so every run retries them and rewrites this list.
     quarantine_csv = out / (QUARANTINE_FILE if runtime.world_size == 1 else f"quarantine-r{runtime.rank}.csv")
@@ -424,7 +432,7 @@ def _run(model: nn.Module, manifest: pd.DataFrame, mine: list[int], keys: list[s
     try:
         chunks = _chunks(manifest, mine, shard_size, root, spec, cache_dir)
         for images, positions in _batches(chunks, batch_size, quarantine, bar):
-            features = compute_features(model, images.to(runtime.device))
+            features = select_arrays(compute_features(model, images.to(runtime.device)), arrays)
             index_rows = _index_rows(manifest, positions, keys, salt, keep_ids, shapes)
             if nifti is not None:
                 # NIfTI files land before the shard that lists them is committed.

@@ -34,10 +34,10 @@ def resolve_checkpoint(ref: str | Path) -> Path:
                 return candidate
         raise CheckpointError(f"{path}: directory holds no final.pt or checkpoints/last.pt")
     if _RUN_ID.match(str(ref)):
-        import mlflow
+        from vqmed.tracking import download_artifact
 
         try:
-            return Path(mlflow.artifacts.download_artifacts(run_id=str(ref), artifact_path=FINAL_ARTIFACT))
+            return download_artifact(str(ref), FINAL_ARTIFACT)
         except Exception as exc:
             raise CheckpointError(f"MLflow run {ref}: cannot fetch {FINAL_ARTIFACT} ({exc})") from exc
     raise CheckpointError(f"{ref}: not a checkpoint file, a run directory or an MLflow run id")

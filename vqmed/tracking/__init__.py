@@ -4,7 +4,7 @@ Owns where runs are stored (the project's local sqlite store ``mlflow.db`` with 
 unless ``MLFLOW_TRACKING_URI`` says otherwise), experiment set-up, logging of flattened configs, NaN-safe
 metrics, figures and images, de-identified dataset inputs (digest + counts, never patient data), the
 figures every stage logs (reconstruction grid and per-epoch GIF, loss curves, codebook usage, label
-efficiency), the reachability check of a tracking server, and serving MLflow's UI (``vqmed ui``).
+efficiency), the run lifecycle and artifacts (``runs``: start/end, tags, files, models), the reachability check of a tracking server, and serving MLflow's UI (``vqmed ui``).
 """
 
 from vqmed.tracking.curves import compute_curve_plot, log_compute_curve
@@ -28,31 +28,48 @@ from vqmed.tracking.mlflow_utils import (
     psnr,
     setup_mlflow,
 )
+from vqmed.tracking.runs import (
+    download_artifact,
+    end_run,
+    log_artifact,
+    log_dict,
+    log_torch_model,
+    set_tags,
+    start_run,
+)
 from vqmed.tracking.server import TrackingServerError, check_tracking_server
 from vqmed.tracking.ui import serve_ui, stop_ui, wait_for_ui
 
+# sorted, one name a line: the public names of the room (run lifecycle, logging, figures, UI)
 __all__ = [
-    "compute_curve_plot",
-    "log_compute_curve",
-    "TrackingServerError",
     "check_tracking_server",
+    "compute_curve_plot",
     "default_tracking_uri",
-    "setup_mlflow",
-    "local_artifact_root",
+    "download_artifact",
+    "end_run",
     "flatten_params",
-    "log_params",
-    "log_metrics",
+    "label_efficiency_plot",
+    "local_artifact_root",
+    "log_artifact",
+    "log_compute_curve",
+    "log_dataset_input",
+    "log_dict",
     "log_figure",
     "log_image_array",
-    "log_dataset_input",
+    "log_metrics",
+    "log_params",
+    "log_torch_model",
+    "loss_curves",
     "manifest_digest",
     "psnr",
-    "reconstruction_grid",
     "reconstruction_gif",
-    "loss_curves",
-    "usage_histogram",
-    "label_efficiency_plot",
+    "reconstruction_grid",
     "serve_ui",
+    "set_tags",
+    "setup_mlflow",
+    "start_run",
     "stop_ui",
+    "TrackingServerError",
+    "usage_histogram",
     "wait_for_ui",
 ]

@@ -321,14 +321,30 @@ def usage_histogram(counts: Any, title: str = "Codebook usage") -> Figure:
     return fig
 
 
-def label_efficiency_plot(df: Any, title: str = "Label efficiency", metric_label: str = "ROC AUC") -> Figure:
+#: Line styles of the label-efficiency curves: with the colours and markers, every method differs in three ways.
+_LINESTYLES = ("-", "--", "-.", ":", (0, (3, 1, 1, 1, 1, 1)), (0, (5, 1)), (0, (1, 1)))
+_MARKERS = "osD^vP*X"
+
+
+def label_efficiency_plot(
+    df: Any,
+    title: str = "Label efficiency",
+    metric_label: str = "ROC AUC",
+    reference: Sequence[str] | None = None,
+) -> Figure:
     """AUC against number of labels, one line per method with its confidence band, log-x.
+
+    Every method of a panel gets its own colour, marker and line style, and the methods are dodged
+    sideways by a few percent of a budget, so lines that nearly coincide (raw pixels and PCA) stay
+    visible side by side instead of one hiding the other.
 
     Args:
         df: a pandas DataFrame with columns ``method``, ``n_labels``, ``auc_mean``, ``auc_low``, ``auc_high``
             (one row per method and label budget).
         title: figure title.
         metric_label: y-axis label.
+        reference: the reference methods, drawn in this order in the first panel; every other method
+            (feature variants, candidates) goes to a second panel beside it. ``None``: one panel, every method.
 
     Returns:
         the figure.
@@ -340,17 +356,35 @@ def label_efficiency_plot(df: Any, title: str = "Label efficiency", metric_label
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise KeyError(f"label_efficiency_plot: columns {missing} missing (has {list(df.columns)})")
-    fig = _new_figure(6.4, 4.2)
-    ax = fig.subplots()
-    budgets: set[float] = set()
     methods = list(dict.fromkeys(df["method"].astype(str).tolist()))  # first-appearance order
-    markers = "osD^vP*X"
+    if reference is None:
+        panels = [("", methods)]
+    else:
+        first = [m for m in reference if m in methods]
+        rest = [m for m in methods if m not in first]
+        panels = [("reference methods", first)] + ([("feature variants and candidates", rest)] if rest else [])
+    fig = _new_figure(6.4 * len(panels), 4.2)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (label, names) in zip(axes, panels):
+        _efficiency_panel(ax, df, names, metric_label)
+        ax.set_title(f"{title} (bands: confidence interval)" if len(panels) == 1 else label)
+    if len(panels) > 1:
+        fig.suptitle(f"{title} (bands: confidence interval)")
+    return fig
+
+
+def _efficiency_panel(ax: Any, df: Any, methods: Sequence[str], metric_label: str) -> None:
+    budgets: set[float] = set()
     for i, method in enumerate(methods):
         sub = df[df["method"].astype(str) == method].sort_values("n_labels")
         n = sub["n_labels"].to_numpy(dtype=float)
+        # dodge: method i sits 3% of a budget right of method i-1 on the log axis (ticks stay on the true budgets)
+        x = n * 1.03 ** (i - (len(methods) - 1) / 2)
         colour = OKABE_ITO[i % (len(OKABE_ITO) - 1)]
-        ax.fill_between(n, sub["auc_low"].to_numpy(float), sub["auc_high"].to_numpy(float), color=colour, alpha=0.2, linewidth=0)
-        ax.plot(n, sub["auc_mean"].to_numpy(float), color=colour, marker=markers[i % len(markers)], markersize=4, label=method)
+        style = _LINESTYLES[(i // (len(OKABE_ITO) - 1) + i) % len(_LINESTYLES)]
+        ax.fill_between(x, sub["auc_low"].to_numpy(float), sub["auc_high"].to_numpy(float), color=colour, alpha=0.08, linewidth=0)
+        ax.plot(x, sub["auc_mean"].to_numpy(float), color=colour, marker=_MARKERS[i % len(_MARKERS)], markersize=5,
+                linestyle=style, linewidth=1.6, label=method)
         budgets.update(n.tolist())
     ax.axhline(0.5, color=OKABE_ITO[-1], linestyle=":", linewidth=1, label="chance")
     positive = sorted(b for b in budgets if b > 0)
@@ -361,7 +395,5 @@ def label_efficiency_plot(df: Any, title: str = "Label efficiency", metric_label
         ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("number of labelled training images (log scale)")
     ax.set_ylabel(metric_label)
-    ax.set_title(f"{title} (bands: confidence interval)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return fig

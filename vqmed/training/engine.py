@@ -215,23 +215,21 @@ class Trainer:
     def _start_tracking(self) -> None:
         if not self.rt.is_main:
             return
-        import mlflow
-
-        from vqmed.tracking import log_dataset_input, log_params, setup_mlflow
+        from vqmed.tracking import log_dataset_input, log_params, setup_mlflow, start_run
 
         setup_mlflow(self.cfg.tracking.tracking_uri, self.cfg.tracking.experiment)
         run_file = self.out / RUN_FILE
         if self.run_id is None and run_file.exists():
             self.run_id = json.loads(run_file.read_text())["mlflow_run_id"]
         if self.run_id is not None:
-            mlflow.start_run(run_id=self.run_id)
+            start_run(run_id=self.run_id)
             return
-        run = mlflow.start_run(run_name=self.cfg.name)
+        run = start_run(run_name=self.cfg.name)
         self.run_id = run.info.run_id
         atomic_write_json(run_file, {"mlflow_run_id": self.run_id})
         log_params(to_dict(self.cfg))
-        mlflow.log_params({"resolved.total_steps": self.total_steps, "resolved.train_images": len(self.train_set),
-                           "resolved.val_images": len(self.val_set), "resolved.world_size": self.rt.world_size})
+        log_params({"resolved.total_steps": self.total_steps, "resolved.train_images": len(self.train_set),
+                    "resolved.val_images": len(self.val_set), "resolved.world_size": self.rt.world_size})
         log_dataset_input(self.manifest, name=self.cfg.name, context="training")
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
@@ -477,19 +475,18 @@ class Trainer:
             self.last_val = self.validate()
         if not self.rt.is_main:
             return None
-        import mlflow
-
-        from vqmed.tracking import log_figure, loss_curves, reconstruction_gif, reconstruction_grid, usage_histogram
+        from vqmed.tracking import (end_run, log_artifact, log_figure, log_metrics, loss_curves, reconstruction_gif,
+                                    reconstruction_grid, usage_histogram)
 
         final = self.out / "final.pt"
         self._snapshot(final)
-        mlflow.log_artifact(str(final), artifact_path="checkpoints")
+        log_artifact(final, artifact_path="checkpoints")
         figures = self.out / "figures"
         figures.mkdir(exist_ok=True)
         if self.frames:
             gif = reconstruction_gif(self.frames, figures / "reconstruction_progress.gif",
                                      labels=[f"epoch {i + 1}" for i in range(len(self.frames))])
-            mlflow.log_artifact(str(gif), artifact_path="figures")
+            log_artifact(gif, artifact_path="figures")
         final_figures = {
             "loss_curves.png": loss_curves({k: [tuple(p) for p in v] for k, v in self.history.as_dict().items()}),
             "codebook_usage.png": usage_histogram(self.last_stats["usage_counts"]),
@@ -517,18 +514,18 @@ class Trainer:
             "mlflow_run_id": self.run_id,
             "checkpoint": str(final.resolve()),
         }
-        mlflow.log_metrics({"final/val_psnr": summary["val_psnr"], "final/codebook_usage": summary["codebook_usage"]},
-                           step=self.step)
+        log_metrics({"final/val_psnr": summary["val_psnr"], "final/codebook_usage": summary["codebook_usage"]},
+                    step=self.step)
         atomic_write_json(self.out / SUMMARY_FILE, summary)
-        mlflow.log_artifact(str(self.out / SUMMARY_FILE))
-        mlflow.end_run()
+        log_artifact(self.out / SUMMARY_FILE)
+        end_run()
         return summary
 
     def _log_mlflow_model(self) -> None:
-        import mlflow
+        from vqmed.tracking import log_torch_model
 
         model = self.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
-        mlflow.pytorch.log_model(
+        log_torch_model(
             model,
             name="model",
             # pickle, not pt2: torch.export cannot trace the quantizer's data-dependent codebook updates.
