@@ -77,7 +77,9 @@ def config_path(size: int) -> Path:
 
 def contender_overrides(contender: str, device: str) -> list[str]:
     """``--set`` overrides that turn a cxr config into one contender (model + precision settings)."""
-    out = [f"train.device={device}"]
+    # Model against model at the same objective: reconstruction (MONAI's VQVAE has no encoder stages for
+    # vicreg, the cxr configs' objective); the objective's own cost is the pipeline's business.
+    out = [f"train.device={device}", "objective.name=reconstruction", "objective.params={}"]
     if contender.startswith("baseline"):
         out += ["model.name=monai_vqvae", "model.params=" + json.dumps(BASELINE_PARAMS), "train.compile=false"]
         # The issue's baseline is fp32; ``baseline_amp`` (CUDA only) gives MONAI's net bf16 autocast too.

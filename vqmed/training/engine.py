@@ -45,6 +45,7 @@ from vqmed.models_io.runtime import (
 from vqmed.networks import build_model
 from vqmed.tracking import check_tracking_server
 from vqmed.training.control import History, StopRequest, lr_at, model_arguments, seed_everything
+from vqmed.training.evaluation import codebook_stats, final_figures, validate
 from vqmed.training.objectives import Objective, build_objective
 
 RUN_FILE = "run.json"
@@ -395,8 +396,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ validation
     def _end_epoch(self, waited: float, stepped: float, epoch_images: int) -> None:
-        stats = self.last_stats = self._codebook_stats()
-        val = self.validate()  # every rank validates its shard; MONAI's metrics gather the results
+        stats = self.last_stats = codebook_stats(self.model.quantizers)
+        val = self.last_val = self.validate()  # every rank validates its shard; MONAI's metrics gather the results
         if not self.rt.is_main:
             return
         metrics = {**val["metrics"], **{k: v for k, v in stats.items() if not isinstance(v, np.ndarray)}}
@@ -405,7 +406,6 @@ class Trainer:
             metrics["epoch/train_images_per_second"] = epoch_images / stepped
         metrics["epoch/epoch"] = self.epoch + 1
         self._log(metrics, self.step)
-        self.last_val = val
         if (self.epoch % self.cfg.tracking.gif_every) == 0 or self.step >= self.total_steps:
             self.frames.append(val["reconstructions"][0])
         from vqmed.tracking import log_figure, reconstruction_grid
@@ -413,53 +413,10 @@ class Trainer:
         log_figure(reconstruction_grid(val["originals"], val["reconstructions"], n=self.cfg.train.val_images),
                    f"reconstructions/epoch_{self.epoch + 1:03d}.png")
 
-    def _codebook_stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for level, quantizer in enumerate(self._quantizers()):
-            stats = quantizer.stats()
-            suffix = "" if level == 0 else f"_level{level}"
-            out[f"codebook/usage{suffix}"] = float(stats["usage_fraction"])
-            out[f"codebook/perplexity{suffix}"] = float(stats["perplexity"])
-            out[f"usage_counts{suffix}"] = np.asarray(stats["usage_counts"], dtype=np.float64)
-        return out
-
-    @torch.no_grad()
     def validate(self) -> dict[str, Any]:
-        """Mean MSE, PSNR and SSIM over the validation images (MONAI's metrics), plus images to show."""
-        from monai.metrics import PSNRMetric, SSIMMetric
-
-        model = self.model
-        model.eval()
-        psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=self.cfg.data.spatial_dims, data_range=1.0)
-        originals, reconstructions = [], []
-        totals = torch.zeros(2, dtype=torch.float64, device=self.rt.device)  # squared error, element count
-        shard = torch.utils.data.Subset(self.val_set, range(self.rt.rank, len(self.val_set), self.rt.world_size))
-        loader = DataLoader(shard, batch_size=self.cfg.train.batch_size, shuffle=False, generator=torch.Generator())
-        for batch in loader:
-            images = batch["image"].to(self.rt.device)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            recon = model(images)[0].float().clamp(0, 1)
-            totals[0] += torch.sum((recon - images) ** 2).double()
-            totals[1] += images.numel()
-            psnr(recon, images)
-            ssim(recon, images)
-            if sum(len(o) for o in originals) < self.cfg.train.val_images:
-                originals.append(images.cpu().numpy())
-                reconstructions.append(recon.cpu().numpy())
-        if self.rt.distributed:
-            torch.distributed.all_reduce(totals)
-        model.train()
-        n = self.cfg.train.val_images
-        return {
-            "metrics": {
-                "val_mse": (totals[0] / totals[1].clamp(min=1)).item(),
-                "val_psnr": float(psnr.aggregate().item()),
-                "val_ssim": float(ssim.aggregate().item()),
-            },
-            "originals": np.concatenate(originals)[:n],
-            "reconstructions": np.concatenate(reconstructions)[:n],
-        }
+        """This rank's share of the validation images through the model (see :func:`validate`)."""
+        return validate(self.model, self.val_set, self.rt, self.cfg.train.batch_size, self.cfg.data.spatial_dims,
+                        self.channels_last, self.cfg.train.val_images)
 
     # -------------------------------------------------------------------------------------- the end
     def _finish(self, images_per_second: float) -> dict[str, Any] | None:
@@ -471,31 +428,17 @@ class Trainer:
             hashes = gathered
         if not hasattr(self, "last_stats"):
             # Resumed after the last epoch had already ended: validate once more for the summary.
-            self.last_stats = self._codebook_stats()  # every rank: statistics and metrics are all-reduced
+            self.last_stats = codebook_stats(self.model.quantizers)  # every rank: statistics and metrics are all-reduced
             self.last_val = self.validate()
         if not self.rt.is_main:
             return None
-        from vqmed.tracking import (end_run, log_artifact, log_figure, log_metrics, loss_curves, reconstruction_gif,
-                                    reconstruction_grid, usage_histogram)
+        from vqmed.tracking import end_run, log_artifact, log_metrics
 
         final = self.out / "final.pt"
         self._snapshot(final)
         log_artifact(final, artifact_path="checkpoints")
-        figures = self.out / "figures"
-        figures.mkdir(exist_ok=True)
-        if self.frames:
-            gif = reconstruction_gif(self.frames, figures / "reconstruction_progress.gif",
-                                     labels=[f"epoch {i + 1}" for i in range(len(self.frames))])
-            log_artifact(gif, artifact_path="figures")
-        final_figures = {
-            "loss_curves.png": loss_curves({k: [tuple(p) for p in v] for k, v in self.history.as_dict().items()}),
-            "codebook_usage.png": usage_histogram(self.last_stats["usage_counts"]),
-            "reconstructions.png": reconstruction_grid(self.last_val["originals"], self.last_val["reconstructions"],
-                                                       n=self.cfg.train.val_images),
-        }
-        for name, fig in final_figures.items():
-            fig.savefig(figures / name, dpi=120)  # beside the run too, for reports that do not open MLflow
-            log_figure(fig, f"figures/{name}")
+        final_figures(self.out / "figures", self.frames, self.history.as_dict(), self.last_stats, self.last_val,
+                      self.cfg.train.val_images)
         if self.cfg.tracking.log_model:
             self._log_mlflow_model()
         val = self.last_val["metrics"]
