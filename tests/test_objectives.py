@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from test_training import DATA_ROOT, ROOT, run_pretrain, tiny_config
+from test_training import DATA_ROOT, ROOT, run_pretrain, sigkill_after_checkpoint, tiny_config
 
 from vqmed.config import ConfigError, PretrainConfig, load_config
 from vqmed.data import ImageDataset, ImageSpec, read_manifest
@@ -134,22 +129,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_vicreg(tmp_path):
 
     (tmp_path / "kill").mkdir()
     config = tiny_config(tmp_path / "kill", cache, epochs=1)
-    process = subprocess.Popen([sys.executable, "-m", "vqmed", "pretrain", "--config", str(config), *objective],
-                               cwd=ROOT, env={**os.environ, "CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt_dir = tmp_path / "kill" / "run" / "checkpoints"
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            found = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
-            if found and found[0]["step"] >= 8:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "run ended before it could be killed: " + process.stderr.read().decode()[-2000:]
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    sigkill_after_checkpoint(config, ckpt_dir, 8, *objective)
     killed = latest_checkpoint(ckpt_dir)[0]
     assert 0 < killed["step"] < reference["steps"] and killed["objective_name"] == "vicreg"
     assert any(k.startswith("projector.") for k in killed["objective_state"]), "projector not checkpointed"

@@ -50,6 +50,25 @@ def run_pretrain(config: Path, *extra: str, env: dict | None = None, check: bool
     return result
 
 
+def sigkill_after_checkpoint(config: Path, ckpt_dir: Path, step: int, *extra: str) -> None:
+    """Start ``vqmed pretrain`` and SIGKILL it once a checkpoint of at least ``step`` exists."""
+    process = subprocess.Popen([sys.executable, "-m", "vqmed", "pretrain", "--config", str(config), *extra],
+                               cwd=ROOT, env={**os.environ, "CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            found = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+            if found and found[0]["step"] >= step:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "run ended before it could be killed: " + process.stderr.read().decode()[-2000:]
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
@@ -112,23 +131,8 @@ def test_refuses_to_overwrite_a_run_without_resume(finished_run):
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cache, finished_run):
     _, reference = finished_run
     config = tiny_config(tmp_path, cache)
-    process = subprocess.Popen([sys.executable, "-m", "vqmed", "pretrain", "--config", str(config)],
-                               cwd=ROOT, env={**os.environ, "CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt_dir = tmp_path / "run" / "checkpoints"
-    deadline = time.monotonic() + 240
-    try:
-        # Kill once a mid-epoch checkpoint (step 8 of ~18) exists.
-        while time.monotonic() < deadline and process.poll() is None:
-            found = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
-            if found and found[0]["step"] >= 8:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "run ended before it could be killed: " + process.stderr.read().decode()[-2000:]
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    sigkill_after_checkpoint(config, ckpt_dir, step=8)  # mid-epoch: step 8 of ~18
     killed_at = latest_checkpoint(ckpt_dir)[0]["step"]
     assert 0 < killed_at < reference["steps"]
     run_pretrain(config, "--resume")
