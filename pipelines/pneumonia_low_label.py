@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from vqmed.config import PipelineConfig, load_config
 
@@ -30,14 +31,20 @@ def step(title: str, args: list[str]) -> None:
     print(f"=== {title}: done in {time.monotonic() - start:.0f} s", flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/pipeline/pneumonia_cpu.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline config value")
+def pipeline_config(cls: type, description: str, default: str, argv: list[str] | None) -> tuple[Any, str, Path]:
+    """Parse ``--config`` / ``--set`` of a pipeline: its validated config, the config path and its out folder."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     args = parser.parse_args(argv)
-    cfg = load_config(PipelineConfig, args.config, args.set)
+    cfg = load_config(cls, args.config, args.set)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    return cfg, args.config, out
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, _, out = pipeline_config(PipelineConfig, __doc__.splitlines()[0], "configs/pipeline/pneumonia_cpu.yaml", argv)
     root = ["--data-root", cfg.data_root] if cfg.data_root else []
     start = time.monotonic()
 

@@ -12,26 +12,20 @@ not one trained for that length alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-from pneumonia_low_label import step
+from pneumonia_low_label import pipeline_config, step
 
-from vqmed.config import ComputeCurveConfig, load_config
+from vqmed.config import ComputeCurveConfig
 from vqmed.downstream.curve import curve_table
 from vqmed.tracking import compute_curve_plot, log_compute_curve
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/pipeline/compute_curve_cpu.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a curve config value")
-    args = parser.parse_args(argv)
-    cfg = load_config(ComputeCurveConfig, args.config, args.set)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, config_path, out = pipeline_config(ComputeCurveConfig, __doc__.splitlines()[0],
+                                            "configs/pipeline/compute_curve_cpu.yaml", argv)
     root = ["--data-root", cfg.data_root] if cfg.data_root else []
     steps = sorted(set(cfg.steps))
     start = time.monotonic()
@@ -63,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     table.to_csv(out / "compute_curve.csv", index=False)
     figure = compute_curve_plot(table)
     figure.savefig(out / "compute_curve.png", dpi=120)
-    run_id = log_compute_curve(table, figure, {"config": args.config, "steps": steps, "objectives": list(cfg.objectives),
+    run_id = log_compute_curve(table, figure, {"config": config_path, "steps": steps, "objectives": list(cfg.objectives),
                                                "pretrain_config": cfg.pretrain_config, "benchmark_config": cfg.benchmark_config},
                                tracking_uri=None, experiment=cfg.experiment, run_name=cfg.name)
     print(f"\ncompute curve finished in {(time.monotonic() - start) / 60:.1f} min; MLflow run {run_id}")

@@ -119,6 +119,8 @@ def read_pixels(
     Raises:
         UnreadableImageError: corrupt file, no pixel data, unsupported encoding, absurd size, ...
     """
+    # One function on purpose (~80 lines): the display chain (header checks, decode, frame choice, modality LUT,
+    # VOI LUT or window, MONOCHROME1 inversion) runs in this order and each step reads what the previous found.
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError, TypeError) as exc:

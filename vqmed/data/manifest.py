@@ -169,20 +169,8 @@ def build_manifest(
             continue
         folder_split, folder_label = _folder_labels(path, root_dir, data_real)
         try:
-            check_file(Path(path))  # broken link, no permission, empty file: a clear reason
-            real = os.path.realpath(path)
-            if os.path.commonpath([data_real, real]) != data_real:
-                raise UnreadableImageError(rel, "symbolic link escapes the data root")
-            if fmt == "dicom":
-                new = _dicom_rows(Path(path), rel, state, multiframe, folder_split, folder_label, labels_from_folders)
-            elif fmt == "idx":
-                new = _idx_rows(Path(path), rel, folder_split)
-            else:
-                facts = read_header(Path(path), fmt)
-                use = labels_from_folders is not False
-                study = _strip_suffix(rel)
-                patient = kermany_patient_id(Path(path).name) or study
-                new = [_row(study, rel, folder_split if use else "", folder_label if use else "", patient, "", facts["format"])]
+            new = _file_rows(Path(path), rel, fmt, data_real, state, multiframe, (folder_split, folder_label),
+                             labels_from_folders)
         except UnreadableImageError as exc:
             report["quarantined"].append([rel, exc.reason])
             continue
@@ -200,6 +188,29 @@ def build_manifest(
     report["splits"] = {str(k): int(v) for k, v in df["split"].value_counts().sort_index().items()}
     report["labels"] = {str(k): int(v) for k, v in df["label"].value_counts().sort_index().items()}
     return df, report
+
+
+def _file_rows(path: Path, rel: str, fmt: str, data_real: str, state: dict[str, Any], multiframe: str,
+               folder: tuple[str, str], labels_from_folders: bool | None) -> list[dict[str, Any]]:
+    """The manifest rows of one file (several for a multi-frame DICOM or an IDX file; none for a DICOM
+    without pixels or an IDX labels file), from its header only.
+
+    Raises:
+        UnreadableImageError: broken link, no permission, empty file, a link escaping the data root, a bad header.
+    """
+    folder_split, folder_label = folder
+    check_file(path)  # broken link, no permission, empty file: a clear reason
+    if os.path.commonpath([data_real, os.path.realpath(path)]) != data_real:
+        raise UnreadableImageError(rel, "symbolic link escapes the data root")
+    if fmt == "dicom":
+        return _dicom_rows(path, rel, state, multiframe, folder_split, folder_label, labels_from_folders)
+    if fmt == "idx":
+        return _idx_rows(path, rel, folder_split)
+    facts = read_header(path, fmt)
+    use = labels_from_folders is not False
+    study = _strip_suffix(rel)
+    patient = kermany_patient_id(path.name) or study
+    return [_row(study, rel, folder_split if use else "", folder_label if use else "", patient, "", facts["format"])]
 
 
 def _walk(root_real: str) -> tuple[list[str], list[str], int]:

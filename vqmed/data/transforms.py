@@ -185,44 +185,36 @@ def augment_transform(spec: ImageSpec, name: str = "mild") -> Compose:
     """
     if name not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {name!r}")
-    nd = spec.spatial_dims
     if name == "views":
-        rot = math.radians(10.0)
-        return Compose(
-            [
-                RandAffined(
-                    "image",
-                    prob=1.0,
-                    rotate_range=(rot,) if nd == 2 else (rot, rot, rot),
-                    scale_range=(0.25,) * nd,
-                    translate_range=(0.08 * spec.image_size,) * nd,
-                    mode="bilinear",
-                    padding_mode="border",
-                ),
-                RandAdjustContrastd("image", prob=0.8, gamma=(0.7, 1.4)),
-                RandScaleIntensityd("image", prob=0.5, factors=0.2),
-                RandShiftIntensityd("image", prob=0.5, offsets=0.1),
-                RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
-                RandGaussianNoised("image", prob=0.3, mean=0.0, std=0.02),
-                EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
-            ]
-        )
-    rot = math.radians(5.0)
-    return Compose(
-        [
-            RandAffined(
-                "image",
-                prob=0.8,
-                rotate_range=(rot,) if nd == 2 else (rot, rot, rot),
-                scale_range=(0.05,) * nd,
-                translate_range=(0.03 * spec.image_size,) * nd,
-                mode="bilinear",
-                padding_mode="border",
-            ),
+        chain = [
+            _random_affine(spec, prob=1.0, degrees=10.0, zoom=0.25, shift=0.08),
+            RandAdjustContrastd("image", prob=0.8, gamma=(0.7, 1.4)),
+            RandScaleIntensityd("image", prob=0.5, factors=0.2),
+            RandShiftIntensityd("image", prob=0.5, offsets=0.1),
+            RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+            RandGaussianNoised("image", prob=0.3, mean=0.0, std=0.02),
+        ]
+    else:
+        chain = [
+            _random_affine(spec, prob=0.8, degrees=5.0, zoom=0.05, shift=0.03),
             RandAdjustContrastd("image", prob=0.3, gamma=(0.85, 1.15)),
             RandGaussianNoised("image", prob=0.2, mean=0.0, std=0.01),
-            EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
+    return Compose([*chain, EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False)])
+
+
+def _random_affine(spec: ImageSpec, prob: float, degrees: float, zoom: float, shift: float) -> RandAffined:
+    """Rotation up to ``degrees`` (about every axis in 3D), zoom by up to ``zoom``, shift by up to ``shift`` of
+    the side; bilinear, border padding (a zoomed-out film keeps its edge intensity instead of black bars)."""
+    nd, rot = spec.spatial_dims, math.radians(degrees)
+    return RandAffined(
+        "image",
+        prob=prob,
+        rotate_range=(rot,) if nd == 2 else (rot, rot, rot),
+        scale_range=(zoom,) * nd,
+        translate_range=(shift * spec.image_size,) * nd,
+        mode="bilinear",
+        padding_mode="border",
     )
 
 

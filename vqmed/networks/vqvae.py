@@ -105,6 +105,8 @@ class VQVAE(nn.Module):
         lookup_dim: int | None = None,
         sync_distributed: bool = True,
     ) -> None:
+        # Long on purpose: one explicit, documented argument per option (MONAI's style); the body only validates
+        # them and wires the blocks.
         super().__init__()
         self.config = C.config_from_locals(locals())
         C.check_choice("spatial_dims", spatial_dims, (2, 3))

@@ -177,36 +177,47 @@ def serve_ui(
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
 
     if block:
-        print(f"MLflow UI: {url}  (store: {uri}; starting, Ctrl+C stops it)", flush=True)
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        # The server runs in its own session (so stop_ui can end its workers as a group); it therefore does
-        # not get the terminal's signals itself: turn SIGTERM/SIGHUP to this process into a clean stop too.
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGHUP):
-                previous[sig] = signal.signal(sig, _raise_exit)
-        interrupted = False
-        try:
-            try:
-                wait_for_ui(url, timeout=wait_timeout or 120.0, proc=proc)
-                print(f"MLflow UI ready: {url}", flush=True)
-            except RuntimeError as err:
-                if proc.poll() is None:  # only slow to start: keep serving
-                    print(f"warning: {err}", file=sys.stderr, flush=True)
-            proc.wait()
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            stop_ui(proc)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if not interrupted and proc.returncode not in (0, -signal.SIGINT, -signal.SIGTERM):
-            raise RuntimeError(
-                f"MLflow server for {uri} stopped with exit code {proc.returncode} (its output is above; "
-                f"e.g. port {port} already in use on {host}?)"
-            )
+        _serve_in_foreground(cmd, env, url, uri, host, int(port), wait_timeout)
         return None
+    return _start_in_background(cmd, env, url, uri, log_path, wait_timeout)
 
+
+def _serve_in_foreground(cmd: list[str], env: dict[str, str], url: str, uri: str, host: str, port: int,
+                         wait_timeout: float | None) -> None:
+    """Run the server until it exits or Ctrl+C / SIGTERM / SIGHUP, then stop its whole process group."""
+    print(f"MLflow UI: {url}  (store: {uri}; starting, Ctrl+C stops it)", flush=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # The server runs in its own session (so stop_ui can end its workers as a group); it therefore does
+    # not get the terminal's signals itself: turn SIGTERM/SIGHUP to this process into a clean stop too.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, _raise_exit)
+    interrupted = False
+    try:
+        try:
+            wait_for_ui(url, timeout=wait_timeout or 120.0, proc=proc)
+            print(f"MLflow UI ready: {url}", flush=True)
+        except RuntimeError as err:
+            if proc.poll() is None:  # only slow to start: keep serving
+                print(f"warning: {err}", file=sys.stderr, flush=True)
+        proc.wait()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        stop_ui(proc)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not interrupted and proc.returncode not in (0, -signal.SIGINT, -signal.SIGTERM):
+        raise RuntimeError(
+            f"MLflow server for {uri} stopped with exit code {proc.returncode} (its output is above; "
+            f"e.g. port {port} already in use on {host}?)"
+        )
+
+
+def _start_in_background(cmd: list[str], env: dict[str, str], url: str, uri: str, log_path: str | Path | None,
+                         wait_timeout: float | None) -> subprocess.Popen:
+    """Start the server with its output in ``log_path`` and return it once it answers (see :func:`serve_ui`)."""
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix="vqmed-ui-", suffix=".log")
         os.close(fd)
@@ -225,3 +236,5 @@ def serve_ui(
             stop_ui(proc)
             raise
     return proc
+
+
