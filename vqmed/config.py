@@ -420,7 +420,7 @@ class ComputeCurveConfig:
         out: output directory.
         data_root: data root for every step (``None`` = ``VQMED_DATA_ROOT`` or ``../shared/data``).
         manifest: manifest CSV every step reads.
-        pretrain_config: the pretraining config (its objective is the arm called ``config``).
+        pretrain_config: the pretraining config (an arm with no overrides trains its objective).
         pretrain_overrides: ``--set`` overrides for every arm (e.g. the batch size).
         objectives: arm name -> extra ``--set`` overrides of that arm (``{}`` = the config as it is).
         steps: pretraining steps at which the model is probed; 0 is the random initialisation (shared by the arms).
@@ -436,7 +436,10 @@ class ComputeCurveConfig:
     manifest: str = "data_manifests/chest_xray.csv"
     pretrain_config: str = "configs/pretrain/cxr_64.yaml"
     pretrain_overrides: list[str] = field(default_factory=list)
-    objectives: dict[str, Any] = field(default_factory=lambda: {"config": [], "reconstruction": ["objective.name=reconstruction", "objective.params={}"]})
+    objectives: dict[str, Any] = field(default_factory=lambda: {
+        "chosen": [],
+        "reconstruction": ["objective.name=reconstruction", "objective.params={}", "train.batch_size=64"],
+    })
     steps: list[int] = field(default_factory=lambda: [0, 616, 2464, 9856])
     export_batch_size: int = 128
     benchmark_config: str = "configs/benchmark/pneumonia_curve.yaml"

@@ -312,11 +312,6 @@ def _json_default(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 # MLflow
 # --------------------------------------------------------------------------------------------------
-def _metric_key(text: str) -> str:
-    # MLflow metric names: letters, digits, _ - . / and spaces
-    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in text)
-
-
 class Tracker:
     """The parent MLflow run and its nested runs (one per method and budget)."""
 
@@ -325,7 +320,7 @@ class Tracker:
 
     def log_budget(self, budget: Budget, records: list[dict[str, Any]], boot: StratifiedBootstrap, cfg: BenchmarkConfig) -> None:
         """One nested run per method of a finished budget: per-draw and mean metrics, the candidates."""
-        from vqmed.tracking import log_dict, log_metrics, log_params, set_tags, start_run
+        from vqmed.tracking import log_dict, log_metrics, log_params, metric_key, set_tags, start_run
 
         rows = summarise(records, boot, cfg.seed)
         candidates = [r for r in rows if r["candidate"]]
@@ -347,17 +342,17 @@ class Tracker:
                     log_metrics({f"draw/{m}": r["metrics"][m][0] for m in METRICS} | {"draw/cv_auc": r["cv_auc"], "draw/n_labels": r["n_labels"]}, step=r["draw"])
                 log_metrics({k: row[k] for k in row if isinstance(row[k], float) and not k.startswith("n_labels")} | {"n_labels": row["n_labels"]}, step=0)
                 prefix = f"{method}["
-                log_metrics({_metric_key(f"candidate/{c['method'][len(prefix):-1]}/auc_mean"): c["auc_mean"] for c in candidates if c["method"].startswith(prefix)}, step=0)
+                log_metrics({metric_key(f"candidate/{c['method'][len(prefix):-1]}/auc_mean"): c["auc_mean"] for c in candidates if c["method"].startswith(prefix)}, step=0)
                 if row.get("selected"):
                     log_dict(row["selected"], "selected_candidates.json")
 
     def finish(self, out_dir: Path, rows: list[dict[str, Any]], figures: dict[str, Any]) -> None:
         """The parent run's mean AUC per method over labels, the output files and the figures."""
-        from vqmed.tracking import log_artifact, log_figure, log_metrics
+        from vqmed.tracking import log_artifact, log_figure, log_metrics, metric_key
 
         for row in (r for r in rows if not r["candidate"]):
             step = round(row["n_labels"])
-            log_metrics({_metric_key(f"auc_mean/{row['method']}"): row["auc_mean"]}, step=step)
+            log_metrics({metric_key(f"auc_mean/{row['method']}"): row["auc_mean"]}, step=step)
         for name in ("benchmark.csv", "summary.json", "summary.md"):
             log_artifact(out_dir / name)
         for name, fig in figures.items():

@@ -25,6 +25,7 @@ from vqmed.tracking.mlflow_utils import (
     log_metrics,
     log_params,
     manifest_digest,
+    metric_key,
     psnr,
     setup_mlflow,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "log_torch_model",
     "loss_curves",
     "manifest_digest",
+    "metric_key",
     "psnr",
     "reconstruction_gif",
     "reconstruction_grid",

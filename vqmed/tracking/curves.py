@@ -65,13 +65,14 @@ def log_compute_curve(table: Any, figure: Figure, params: dict[str, Any], tracki
     (MLflow's step axis is the pretraining length), the table as CSV and the figure. Returns the run id."""
     import mlflow
 
-    from vqmed.tracking.mlflow_utils import log_figure, log_metrics, log_params, setup_mlflow
+    from vqmed.tracking.mlflow_utils import log_figure, log_metrics, log_params, metric_key, setup_mlflow
 
     setup_mlflow(tracking_uri, experiment)
     with mlflow.start_run(run_name=run_name) as run:
         log_params(params)
         for row in table.itertuples():
-            log_metrics({f"auc/{row.budget}/{row.objective}": row.auc_mean}, step=int(row.steps))
+            log_metrics({metric_key(f"auc/{row.budget.replace('%', 'pct')}/{row.objective}"): row.auc_mean},
+                        step=int(row.steps))
         mlflow.log_text(table.to_csv(index=False), "compute_curve.csv")
         log_figure(figure, "compute_curve.png")
         return run.info.run_id

@@ -252,6 +252,11 @@ def log_params(cfg: Mapping[str, Any]) -> dict[str, str]:
     return flat
 
 
+def metric_key(text: str) -> str:
+    """``text`` as a valid MLflow metric name (letters, digits, ``_ - . /`` and spaces; anything else -> ``_``)."""
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in text)
+
+
 def log_metrics(metrics: Mapping[str, Any], step: int) -> dict[str, float]:
     """Log scalar metrics of the active run at ``step``, skipping values that would spoil the charts.
 
