@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -22,9 +23,7 @@ def curve_table(runs: dict[tuple[str, int], Path], method: str = "vqvae", ci: fl
         columns ``objective, steps, budget, n_labels, n_draws, auc_mean, auc_std, auc_low, auc_high``, budgets
         in the benchmark's order (per-class budgets first, then fractions).
     """
-    from scipy.stats import norm
-
-    z = float(norm.ppf(0.5 + ci / 2))
+    z = NormalDist().inv_cdf(0.5 + ci / 2)
     rows = []
     for (objective, steps), directory in runs.items():
         table = pd.read_csv(Path(directory) / "benchmark.csv")
