@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     table.to_csv(out / "compute_curve.csv", index=False)
     figure = compute_curve_plot(table)
     figure.savefig(out / "compute_curve.png", dpi=120)
-    run_id = log_compute_curve(table, figure, {"config": config_path, "steps": steps, "objectives": list(cfg.objectives),
-                                               "pretrain_config": cfg.pretrain_config, "benchmark_config": cfg.benchmark_config},
-                               tracking_uri=None, experiment=cfg.experiment, run_name=cfg.name)
+    params = {"config": config_path, "steps": steps, "objectives": list(cfg.objectives),
+              "pretrain_config": cfg.pretrain_config, "benchmark_config": cfg.benchmark_config}
+    run_id = log_compute_curve(table, out / "compute_curve.csv", figure, params, tracking_uri=None,
+                               experiment=cfg.experiment, run_name=cfg.name)
     print(f"\ncompute curve finished in {(time.monotonic() - start) / 60:.1f} min; MLflow run {run_id}")
     print(f"table: {out / 'compute_curve.csv'}  plot: {out / 'compute_curve.png'}")
     print(table.pivot_table(index=["objective", "steps"], columns="budget", values="auc_mean", sort=False).round(4).to_string())

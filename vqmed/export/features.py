@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vqmed.networks.stages import stage_outputs
+
 __all__ = ["ARRAYS", "REQUIRED_ARRAYS", "compute_features", "codebooks", "codebook_hash", "select_arrays"]
 
 #: The array registry: every array :func:`compute_features` can write (the two-level ones for ``vqvae2``,
@@ -103,16 +105,8 @@ def compute_features(model: nn.Module, images: torch.Tensor) -> dict[str, np.nda
     # The encoder's intermediate activations, caught on the way through the one encoder pass below:
     # their per-cell mean and spread on a coarse grid are the features that carry the most for
     # few-label probes (measured on Kermany, see the README; the pooled code vectors stay behind).
-    stages: list[tuple[torch.Tensor, torch.Tensor]] = []
-    hooks = [
-        stage.register_forward_hook(lambda _m, _i, out: stages.append(_grid_mean_std(out.float())))
-        for stage in model.feature_stages()
-    ]
-    try:
+    with stage_outputs(model.feature_stages(), lambda out: _grid_mean_std(out.float())) as stages:
         z = model.encode(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
     # One encoder pass gives both the continuous latents and the codes; quantize() in eval mode is a
     # pure nearest-code lookup, the same one index_quantize() does.
     _, indices, _ = model.quantize(z)

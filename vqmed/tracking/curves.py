@@ -3,15 +3,18 @@ and its MLflow run."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from vqmed.tracking.figures import OKABE_ITO, _new_figure
+from vqmed.tracking.mlflow_utils import log_figure, log_metrics, log_params, metric_key, setup_mlflow
+from vqmed.tracking.runs import end_run, log_artifact, start_run
 
 __all__ = ["compute_curve_plot", "log_compute_curve"]
 
-# Okabe-Ito colours (colour-blind safe) and distinct markers: objectives stay apart in grey print too.
-_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9"]
+# distinct markers as well as colours: objectives stay apart in grey print too
 _MARKERS = ["o", "s", "D", "^", "v", "P"]
 
 
@@ -32,8 +35,7 @@ def compute_curve_plot(df: Any, title: str = "Pretraining compute vs frozen-feat
     if missing:
         raise KeyError(f"compute_curve_plot: columns {missing} missing (has {list(df.columns)})")
     budgets = list(dict.fromkeys(df["budget"].astype(str)))
-    fig = Figure(figsize=(3.2 * len(budgets), 3.4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _new_figure(3.2 * len(budgets), 3.4)
     axes = fig.subplots(1, len(budgets), squeeze=False)[0]
     objectives = list(dict.fromkeys(df["objective"].astype(str)))
     steps = sorted(set(df["steps"].astype(int)))
@@ -42,7 +44,7 @@ def compute_curve_plot(df: Any, title: str = "Pretraining compute vs frozen-feat
             sub = df[(df["budget"].astype(str) == budget) & (df["objective"].astype(str) == objective)].sort_values("steps")
             # steps on a symlog axis: 0 (random init) and 16x the demo both readable
             x = sub["steps"].to_numpy(float)
-            colour = _COLOURS[i % len(_COLOURS)]
+            colour = OKABE_ITO[i % (len(OKABE_ITO) - 1)]  # black is for reference lines
             ax.fill_between(x, sub["auc_low"].to_numpy(float), sub["auc_high"].to_numpy(float), color=colour,
                             alpha=0.15, linewidth=0)
             ax.plot(x, sub["auc_mean"].to_numpy(float), color=colour, marker=_MARKERS[i % len(_MARKERS)],
@@ -59,20 +61,19 @@ def compute_curve_plot(df: Any, title: str = "Pretraining compute vs frozen-feat
     return fig
 
 
-def log_compute_curve(table: Any, figure: Figure, params: dict[str, Any], tracking_uri: str | None,
+def log_compute_curve(table: Any, table_csv: Path, figure: Figure, params: dict[str, Any], tracking_uri: str | None,
                       experiment: str, run_name: str) -> str:
     """One MLflow run holding a compute curve: its params, ``auc/BUDGET/OBJECTIVE`` metrics at each step
-    (MLflow's step axis is the pretraining length), the table as CSV and the figure. Returns the run id."""
-    import mlflow
-
-    from vqmed.tracking.mlflow_utils import log_figure, log_metrics, log_params, metric_key, setup_mlflow
-
+    (MLflow's step axis is the pretraining length), the table (``table_csv``, written by the caller) and the
+    figure. Returns the run id."""
     setup_mlflow(tracking_uri, experiment)
-    with mlflow.start_run(run_name=run_name) as run:
+    run = start_run(run_name=run_name)
+    try:
         log_params(params)
         for row in table.itertuples():
-            log_metrics({metric_key(f"auc/{row.budget.replace('%', 'pct')}/{row.objective}"): row.auc_mean},
-                        step=int(row.steps))
-        mlflow.log_text(table.to_csv(index=False), "compute_curve.csv")
+            log_metrics({metric_key(f"auc/{row.budget}/{row.objective}"): row.auc_mean}, step=int(row.steps))
+        log_artifact(table_csv)
         log_figure(figure, "compute_curve.png")
-        return run.info.run_id
+    finally:
+        end_run()
+    return run.info.run_id

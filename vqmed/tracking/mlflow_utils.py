@@ -253,8 +253,9 @@ def log_params(cfg: Mapping[str, Any]) -> dict[str, str]:
 
 
 def metric_key(text: str) -> str:
-    """``text`` as a valid MLflow metric name (letters, digits, ``_ - . /`` and spaces; anything else -> ``_``)."""
-    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in text)
+    """``text`` as a valid MLflow metric name: letters, digits, ``_ - . /`` and spaces; ``%`` -> ``pct`` (budget
+    names such as ``10%``), anything else -> ``_``."""
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "pct" if ch == "%" else "_" for ch in text)
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int) -> dict[str, float]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqmed.networks import vqvae_loss
+from vqmed.networks.stages import stage_outputs
 from vqmed.training.objectives.base import Objective, ObjectiveParams
 
 __all__ = ["VICReg", "VICRegParams", "vicreg_terms"]
@@ -102,7 +103,7 @@ class VICReg(Objective):
             raise ValueError(f"objective 'vicreg' needs a model with encoder stages; {type(model).__name__} has none")
         # One dry encoder pass sizes the projector (no codebook update: encode() does not quantize).
         device = next(model.parameters()).device
-        with torch.no_grad(), self._caught(model) as caught:
+        with torch.no_grad(), stage_outputs(self._stages(model)) as caught:
             model.encode(torch.zeros(2, *input_shape, device=device))
         width = sum(_pool_stats(f).shape[1] for f in caught)
         layers: list[nn.Module] = []
@@ -117,25 +118,11 @@ class VICReg(Objective):
         stages = model.feature_stages()
         return stages[-1:] if self.params.stages == "last" else stages
 
-    class _Catch:
-        def __init__(self, stages: list[nn.Module]) -> None:
-            self.stages, self.out, self.hooks = stages, [], []
-
-        def __enter__(self) -> list[torch.Tensor]:
-            self.hooks = [s.register_forward_hook(lambda _m, _i, o: self.out.append(o)) for s in self.stages]
-            return self.out
-
-        def __exit__(self, *exc: object) -> None:
-            for hook in self.hooks:
-                hook.remove()
-
-    def _caught(self, model: nn.Module) -> "VICReg._Catch":
-        return VICReg._Catch(self._stages(model))
 
     def forward(self, model: nn.Module, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # rows 2i and 2i+1 are the two views of image i; one pass for both (a view, no copy)
         x = views.reshape(-1, *views.shape[2:])
-        with self._caught(model) as caught:
+        with stage_outputs(self._stages(model)) as caught:
             vq_loss, terms, _ = vqvae_loss(model, x)
         z = self.projector(torch.cat([_pool_stats(f) for f in caught], dim=1))
         parts = vicreg_terms(z[0::2], z[1::2])
