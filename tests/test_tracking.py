@@ -130,6 +130,11 @@ def test_setup_mlflow_keeps_artifacts_beside_the_database(store, tmp_path):
     assert mlflow.get_experiment(exp_id).lifecycle_stage == "active"
     with pytest.raises(ValueError, match="empty"):
         setup_mlflow(store, " ")
+    # an experiment made by plain MLflow (no kind tag: the UI would open it on GenAI traces) gets the tag
+    plain = mlflow.MlflowClient(store).create_experiment("made-elsewhere")
+    assert "mlflow.experimentKind" not in mlflow.get_experiment(plain).tags
+    assert setup_mlflow(store, "made-elsewhere") == plain
+    assert mlflow.get_experiment(plain).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_flatten_params_nested_lists_and_limits():

@@ -97,6 +97,36 @@ def pretrain_run(tmp_path, monkeypatch) -> tuple[str, str, str]:
     return uri, summary["mlflow_run_id"], run_name
 
 
+@pytest.fixture
+def benchmark_run(pretrain_run, tmp_path) -> str:
+    """A real small ``vqmed export`` + ``vqmed benchmark`` of the fixture's encoder into the same store; returns
+    the benchmark's parent run id (its label-efficiency plot is the figure under test)."""
+    import pandas as pd
+
+    uri, run_id, _ = pretrain_run
+    manifest = pd.read_csv(REPO / "data_manifests" / "chest_xray.csv", dtype=str, keep_default_na=False)
+    parts = [g.sort_values("path").head(40 if split == "train" else 20) for (split, _), g in manifest.groupby(["split", "label"])]
+    small = tmp_path / "kermany_small.csv"
+    pd.concat(parts).to_csv(small, index=False)
+    env = {**os.environ, "CI": "1", "VQMED_ID_SALT": "vqmed-browser-test", "MLFLOW_TRACKING_URI": uri}
+    steps = [
+        ["export", "--model", str(tmp_path / "run"), "--manifest", str(small), "--out", str(tmp_path / "store"),
+         "--data-root", str(data_root())],
+        ["benchmark", "--config", str(REPO / "configs" / "benchmark" / "pneumonia.yaml"), "--out", str(tmp_path / "bench"),
+         "--set", f"export={tmp_path / 'store'}", "--set", f"data_root={data_root()}", "--set", "cache_dir=null",
+         "--set", "budgets.fractions=[0.25, 1.0]", "--set", "budgets.per_class=[]", "--set", "budgets.draws=2",
+         "--set", "probes.variants=[code_histogram]", "--set", "probes.classifiers=[logreg]",
+         "--set", "baselines.pca=false", "--set", "baselines.random_encoder=false", "--set", "baselines.cnn_scratch=false",
+         "--set", "metrics.bootstrap=50", "--set", "jobs=1",
+         "--set", f"tracking.tracking_uri={uri}"],
+    ]
+    for args in steps:
+        result = subprocess.run([sys.executable, "-m", "vqmed", *args], cwd=REPO, capture_output=True, text=True,
+                                env=env, timeout=240)
+        assert result.returncode == 0, (args[0], result.stderr[-3000:])
+    return json.loads((tmp_path / "bench" / "summary.json").read_text())["mlflow_parent_run_id"]
+
+
 def start_ui(tracking_uri: str, tmp_path: Path) -> subprocess.Popen:
     """``vqmed ui`` on a free port in its own process group (so ``stop_ui`` reaches its workers)."""
     with socket.socket() as sock:
@@ -128,8 +158,8 @@ def metric_values_on_page(text: str, key: str) -> list[float]:
     return [float(m) for m in re.findall(rf"{re.escape(key)}\s+(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)", text)]
 
 
-@pytest.mark.timeout(300)
-def test_ui_shows_pretrain_run_val_psnr_and_reconstruction(pretrain_run, tmp_path):
+@pytest.mark.timeout(600)
+def test_ui_shows_pretrain_run_val_psnr_and_reconstruction(pretrain_run, benchmark_run, tmp_path):
     chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
@@ -144,11 +174,17 @@ def test_ui_shows_pretrain_run_val_psnr_and_reconstruction(pretrain_run, tmp_pat
     shots = Path(os.environ.get("VQMED_SCREENSHOT_DIR") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
 
+    bench = client.get_run(benchmark_run)
+    figure = "label_efficiency.png"
+    assert figure in {f.path for f in client.list_artifacts(benchmark_run)}
+    with Image.open(client.download_artifacts(benchmark_run, figure, dst_path=str(tmp_path))) as im:
+        figure_width = im.width
+
     proc = start_ui(uri, tmp_path)
     try:
-        # the run page of MLflow 3's React UI; workflowType picks the model-training (not GenAI) layout
+        # no workflowType in the URLs: the experiments' kind tag alone must pick the model-training layout
         run_url = f"{proc.url}/#/experiments/{exp_id}/runs/{run_id}"
-        query = "?workflowType=machine_learning"
+        query = ""
         with sync_playwright() as pw:
             # the browser starts while the server boots; then wait for the server to answer
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True, timeout=30_000)
@@ -156,6 +192,15 @@ def test_ui_shows_pretrain_run_val_psnr_and_reconstruction(pretrain_run, tmp_pat
                 wait_for_ui(proc.url, timeout=UI_START_TIMEOUT_S, proc=proc)
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.set_default_timeout(PAGE_TIMEOUT_MS)
+
+                # 0. the experiment page opens on its training runs (not MLflow 3's GenAI "Traces" overview),
+                # and the run's name there leads to its page
+                page.goto(f"{proc.url}/#/experiments/{exp_id}", wait_until="domcontentloaded")
+                link = page.get_by_role("link", name=run_name).first
+                link.wait_for(state="visible")
+                page.screenshot(path=str(shots / "0_experiment_runs.png"))
+                link.click()
+                page.wait_for_url(re.compile(f"runs/{run_id}"))
 
                 # 1. overview: run name and the val_psnr metric with its value
                 page.goto(run_url + query, wait_until="domcontentloaded")
@@ -195,6 +240,19 @@ def test_ui_shows_pretrain_run_val_psnr_and_reconstruction(pretrain_run, tmp_pat
                     image_width,
                 )
                 assert preview and max(preview) > 300, f"reconstruction preview not displayed: widths {preview}"
+
+                # 4. the benchmark's parent run shows the label-efficiency plot (its experiment also opens on runs)
+                bench_url = f"{proc.url}/#/experiments/{bench.info.experiment_id}/runs/{benchmark_run}"
+                page.goto(f"{proc.url}/#/experiments/{bench.info.experiment_id}", wait_until="domcontentloaded")
+                page.get_by_role("link", name=bench.info.run_name).first.wait_for(state="visible")
+                page.goto(f"{bench_url}/artifacts/{figure}", wait_until="domcontentloaded")
+                page.wait_for_function(loaded, arg=figure_width)
+                page.screenshot(path=str(shots / "4_label_efficiency.png"))
+                shown = page.locator("img").evaluate_all(
+                    "(imgs, w) => imgs.filter(i => i.naturalWidth === w).map(i => i.getBoundingClientRect().width)",
+                    figure_width,
+                )
+                assert shown and max(shown) > 300, f"label-efficiency plot not displayed: widths {shown}"
             finally:
                 browser.close()
     except BaseException:

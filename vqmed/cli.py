@@ -1,4 +1,4 @@
-"""The ``vqmed`` command line: ``manifest | preview | pretrain | export | benchmark | ui``.
+"""The ``vqmed`` command line: ``manifest | preview | pretrain | export | benchmark | bundle | ui``.
 
 Each sub-command parses and validates its arguments, then calls exactly one room of the library.
 Heavy imports (torch, MONAI, MLflow) happen inside the sub-command so ``vqmed --help`` is instant.
@@ -107,6 +107,18 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from vqmed.export.bundle import write_bundle
+    from vqmed.export.writer import image_spec
+    from vqmed.models_io import load_model, model_fingerprint
+
+    model, meta = load_model(args.model)
+    meta["model_id"] = model_fingerprint(model, meta["model_name"], meta["model_config"])
+    out = write_bundle(model, meta, image_spec(meta), Path(args.out), Path(args.benchmark) if args.benchmark else None)
+    print(f"wrote MONAI bundle of model {meta['model_id']} to {out}")
+    return 0
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     from vqmed.tracking import serve_ui
 
@@ -166,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--set", action="append", metavar="KEY=VALUE")
     bench.add_argument("--out", help="output directory (overrides `out` in the config)")
     bench.set_defaults(func=_cmd_benchmark)
+
+    bundle = sub.add_parser("bundle", help="write the frozen encoder as a MONAI bundle (configs/, models/, docs/)")
+    bundle.add_argument("--model", required=True, help="checkpoint file, pretraining output dir, or MLflow run id")
+    bundle.add_argument("--out", required=True, help="bundle folder to write")
+    bundle.add_argument("--benchmark", help="a `vqmed benchmark --out` folder whose summary table goes into docs/README.md")
+    bundle.set_defaults(func=_cmd_bundle)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the project's tracking store")
     ui.add_argument("--host", default="127.0.0.1")

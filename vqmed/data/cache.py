@@ -19,10 +19,12 @@ import contextlib
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from monai.transforms import MapTransform
 
 from vqmed.atomic import atomic_write_text, commit_temporary, remove_stale_temporaries, temporary_path
 from vqmed.data.transforms import ImageSpec
@@ -47,6 +49,21 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 def from_uint8(arr: np.ndarray) -> np.ndarray:
     """uint8 -> float32 in [0, 1]."""
     return np.asarray(arr, dtype=np.float32) * np.float32(1.0 / 255.0)
+
+
+class Round8Bitd(MapTransform):
+    """``from_uint8(to_uint8(x))``: the values a [0, 1] image has once stored in this cache, as a MONAI transform
+    (the MONAI bundle's chain ends with it so its inputs equal :class:`vqmed.data.ImageDataset`'s).
+
+    Args:
+        keys: keys of [0, 1] float arrays.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = from_uint8(to_uint8(d[key]))
+        return d
 
 
 class CacheStore:

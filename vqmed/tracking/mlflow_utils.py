@@ -109,6 +109,12 @@ def local_artifact_root(tracking_uri: str | None = None) -> Path | None:
     return None if db is None else db.resolve().parent / ARTIFACT_DIR_NAME
 
 
+# The tag MLflow 3's UI reads to choose an experiment's layout: "custom_model_development" opens it on
+# its Training runs, where an untagged experiment opens on the GenAI view (an empty Traces overview).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def _safe_dir_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
 
@@ -141,14 +147,12 @@ def setup_mlflow(tracking_uri: str | None, experiment: str) -> str:
     client = mlflow.MlflowClient(tracking_uri=uri)
 
     exp = client.get_experiment_by_name(experiment)
+    kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
     if exp is None:
         root = local_artifact_root(uri)
         location = (root / _safe_dir_name(experiment)).as_uri() if root is not None else None
         try:
-            # the kind tag makes MLflow 3's UI open it as a model-training (not GenAI) experiment
-            exp_id = client.create_experiment(
-                experiment, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
-            )
+            exp_id = client.create_experiment(experiment, artifact_location=location, tags=kind)
         except mlflow.exceptions.MlflowException:
             # another process (e.g. a second rank or a parallel job) created it between our two calls
             exp = client.get_experiment_by_name(experiment)
@@ -160,6 +164,9 @@ def setup_mlflow(tracking_uri: str | None, experiment: str) -> str:
         if exp.lifecycle_stage == "deleted":
             logger.warning("MLflow experiment %r was deleted; restoring it", experiment)
             client.restore_experiment(exp_id)
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            # an experiment made before vqmed tagged them (or by plain MLflow) would open on GenAI traces
+            client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
