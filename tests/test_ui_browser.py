@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -140,6 +141,19 @@ def start_ui(tracking_uri: str, tmp_path: Path) -> subprocess.Popen:
     return proc
 
 
+def printed_url(proc: subprocess.Popen, experiment: str) -> str:
+    """The address of ``experiment`` that ``vqmed ui`` printed once ready (``  NAME: URL`` lines)."""
+    deadline = time.monotonic() + UI_START_TIMEOUT_S  # printed just after the server first answers
+    while True:
+        text = Path(proc.log_path).read_text(errors="replace")
+        found = re.findall(rf"^\s+{re.escape(experiment)}: (\S+)$", text, re.M)
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert found, f"vqmed ui printed no address for {experiment}:\n{text[-2000:]}"
+    return found[-1]
+
+
 def reconstruction_artifact(client: mlflow.MlflowClient, run_id: str) -> str:
     """Path of the run's reconstruction image (first PNG whose path mentions "recon")."""
     todo, found = [None], []
@@ -182,9 +196,9 @@ def test_ui_shows_pretrain_run_val_psnr_and_reconstruction(pretrain_run, benchma
 
     proc = start_ui(uri, tmp_path)
     try:
-        # no workflowType in the URLs: the experiments' kind tag alone must pick the model-training layout
+        # the run page of MLflow 3's React UI; workflowType picks the model-training (not GenAI) layout
         run_url = f"{proc.url}/#/experiments/{exp_id}/runs/{run_id}"
-        query = ""
+        query = "?workflowType=machine_learning"
         with sync_playwright() as pw:
             # the browser starts while the server boots; then wait for the server to answer
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True, timeout=30_000)
@@ -193,9 +207,10 @@ def test_ui_shows_pretrain_run_val_psnr_and_reconstruction(pretrain_run, benchma
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.set_default_timeout(PAGE_TIMEOUT_MS)
 
-                # 0. the experiment page opens on its training runs (not MLflow 3's GenAI "Traces" overview),
-                # and the run's name there leads to its page
-                page.goto(f"{proc.url}/#/experiments/{exp_id}", wait_until="domcontentloaded")
+                # 0. the experiment's address printed by `vqmed ui` opens on its training runs (not MLflow 3's
+                # GenAI "Traces" overview), and the run's name there leads to its page
+                assert client.get_experiment(exp_id).tags.get("mlflow.experimentKind") == "custom_model_development"
+                page.goto(printed_url(proc, "vqmed-pretrain"), wait_until="domcontentloaded")
                 link = page.get_by_role("link", name=run_name).first
                 link.wait_for(state="visible")
                 page.screenshot(path=str(shots / "0_experiment_runs.png"))
@@ -243,9 +258,9 @@ def test_ui_shows_pretrain_run_val_psnr_and_reconstruction(pretrain_run, benchma
 
                 # 4. the benchmark's parent run shows the label-efficiency plot (its experiment also opens on runs)
                 bench_url = f"{proc.url}/#/experiments/{bench.info.experiment_id}/runs/{benchmark_run}"
-                page.goto(f"{proc.url}/#/experiments/{bench.info.experiment_id}", wait_until="domcontentloaded")
+                page.goto(printed_url(proc, "vqmed-benchmark"), wait_until="domcontentloaded")
                 page.get_by_role("link", name=bench.info.run_name).first.wait_for(state="visible")
-                page.goto(f"{bench_url}/artifacts/{figure}", wait_until="domcontentloaded")
+                page.goto(f"{bench_url}/artifacts/{figure}{query}", wait_until="domcontentloaded")
                 page.wait_for_function(loaded, arg=figure_width)
                 page.screenshot(path=str(shots / "4_label_efficiency.png"))
                 shown = page.locator("img").evaluate_all(

@@ -25,7 +25,8 @@ def _cmd_manifest_build(args: argparse.Namespace) -> int:
     root = Path(args.root)
     if not root.is_absolute() and not root.exists():
         root = data_root / root
-    manifest, report = build_manifest(root.resolve(), data_root, salt=args.salt, progress=not args.quiet)
+    manifest, report = build_manifest(root.resolve(), data_root, salt=args.salt, progress=not args.quiet,
+                                      multiframe="volume" if args.volumes else "frames")
     write_manifest(manifest, Path(args.out))
     print(f"wrote {len(manifest)} rows to {args.out}")
     print(json.dumps(report, indent=2, default=str))
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="manifest CSV to write")
     build.add_argument("--data-root", help="root the manifest paths are relative to (default: $VQMED_DATA_ROOT or ../shared/data)")
     build.add_argument("--salt", help="salt for hashed study/patient ids (default: $VQMED_ID_SALT or the per-user salt file)")
+    build.add_argument("--volumes", action="store_true",
+                       help="one row per volume (a multi-frame DICOM file, a DICOM series folder) instead of per frame")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=_cmd_manifest_build)
     check = msub.add_parser("check", help="report missing/unreadable files, duplicate ids, patients in several splits")

@@ -36,7 +36,14 @@ except ImportError:  # Windows: no flock; atomic renames still apply
 
 
 def file_digest(path: Path) -> str:
-    """blake2b-128 of the file's bytes (the content part of a cache key)."""
+    """blake2b-128 of the file's bytes (the content part of a cache key); for a DICOM series folder, of its
+    files' names and digests (an edited, added or removed slice changes it)."""
+    path = Path(path)
+    if path.is_dir():
+        h = hashlib.blake2b(digest_size=16)
+        for child in sorted(p for p in path.iterdir() if p.is_file()):
+            h.update(f"{child.name}\0{file_digest(child)}\0".encode())
+        return h.hexdigest()
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 

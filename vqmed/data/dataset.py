@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from vqmed.data.cache import CacheStore, file_digest, from_uint8, to_uint8
 from vqmed.data.errors import UnreadableImageError
 from vqmed.data.progress import progress_bar
-from vqmed.data.readers import DEFAULT_MAX_PIXELS, check_file, detect_format, safe_path
+from vqmed.data.readers import DEFAULT_MAX_PIXELS, check_source, detect_format, safe_path
 from vqmed.data.transforms import ImageSpec, augment_transform, deterministic_transform, run_transform
 
 
@@ -109,7 +109,7 @@ class ImageDataset(Dataset):
             try:
                 path = safe_path(self.data_root, rel, allow_outside_root)
                 if path not in digests:
-                    check_file(path)
+                    check_source(path)  # a file, or a DICOM series folder
                     try:
                         digest = file_digest(path)
                     except OSError as exc:

@@ -14,7 +14,11 @@ What a scan of ROOT produces, file by file:
 - DICOM (any name, found by suffix or the ``DICM`` magic; headers only): one row per instance, or per
   frame of a multi-frame instance; ``study_id``, ``series_id`` and ``patient_id`` are salted hashes
   (:mod:`vqmed.data.privacy`), never raw UIDs or patient ids. Split/label only under a split folder.
-- NIfTI (``.nii``/``.nii.gz``, 2D or 3D): one row per file.
+- DICOM series (``multiframe="volume"``, ``vqmed manifest build --volumes``): the single-frame instances of a
+  folder sharing a Series Instance UID become one row, ``path`` = the folder, ``format`` = ``dicom_series``,
+  ``frame`` = the series' place among the folder's series (sorted by UID), salted ids; a series that is not one
+  regular grid (missing slice, uneven spacing, mixed orientations) is quarantined with that reason.
+- NIfTI (``.nii``/``.nii.gz``, 2D or 3D), MetaImage (``.mha``/``.mhd``), NRRD: one row per file.
 - IDX (MNIST, ``*-images-idx3-ubyte[.gz]``): one row per image with ``frame`` = its index; labels from
   the sibling ``*-labels-idx1-ubyte[.gz]``; split from the name (``t10k``/``test`` -> test, ``train``).
 
@@ -37,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from vqmed.atomic import atomic_write_text
-from vqmed.data import dicom
+from vqmed.data import dicom, itk
 from vqmed.data.errors import DataRootError, ManifestError, UnreadableImageError
 from vqmed.data.privacy import resolve_salt
 from vqmed.data.progress import progress_bar
@@ -180,10 +184,12 @@ def build_manifest(
         by_format[new[0]["format"]] += 1
         rows.extend(new)
 
+    if multiframe == "volume":
+        rows = _series_rows(rows, data_real, state, report, by_format)
     df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     df = _normalise(df).sort_values(["path", "frame"], na_position="first", kind="stable").reset_index(drop=True)
     report["rows"] = len(df)
-    report["by_format"] = dict(sorted(by_format.items()))
+    report["by_format"] = {k: v for k, v in sorted(by_format.items()) if v}
     report["quarantined_headers"] = len(report["quarantined"])
     report["splits"] = {str(k): int(v) for k, v in df["split"].value_counts().sort_index().items()}
     report["labels"] = {str(k): int(v) for k, v in df["label"].value_counts().sort_index().items()}
@@ -276,6 +282,41 @@ def _dicom_rows(path: Path, rel: str, state: dict, multiframe: str, split: str, 
     per_frame = range(frames) if multiframe == "frames" and frames > 1 else [None]
     return [_row(ids["study_id"], rel, split, label, ids["patient_id"], modality, "dicom", ids["series_id"],
                  ids["instance"], f) for f in per_frame]
+
+
+def _series_rows(rows: list[dict[str, Any]], data_real: str, state: dict, report: dict[str, Any],
+                 by_format: Counter) -> list[dict[str, Any]]:
+    """Replace the single-frame DICOM instances of each series (2 slices or more) by one ``dicom_series`` row of
+    its folder; a series that is no regular grid goes to ``report["quarantined"]`` with the reason."""
+    folders = sorted({os.path.dirname(r["path"]) for r in rows if r["format"] == "dicom" and r["frame"] is None})
+    replaced: set[str] = set()
+    series_rows = []
+    for folder in folders:
+        by_name = {os.path.basename(r["path"]): r for r in rows
+                   if r["format"] == "dicom" and r["frame"] is None and os.path.dirname(r["path"]) == folder}
+        try:
+            found = itk.series_in_folder(Path(data_real) / folder)
+        except UnreadableImageError as exc:
+            report["quarantined"].append([folder, exc.reason])
+            continue
+        for index, files in enumerate(found):
+            names = [os.path.basename(f) for f in files if os.path.basename(f) in by_name]
+            if len(names) < 2:
+                continue  # a lone slice keeps its own row
+            first = by_name[names[0]]
+            replaced.update(by_name[n]["path"] for n in names)
+            try:
+                problem = itk.series_problem([dicom.read_header(Path(f)) for f in files])
+            except UnreadableImageError as exc:
+                problem = exc.reason
+            if problem:
+                report["quarantined"].append([folder, f"series {index}: {problem}"])
+                continue
+            series_rows.append(_row(first["study_id"], folder, first["split"], first["label"], first["patient_id"],
+                                    first["modality"], "dicom_series", first["series_id"], None, index))
+    by_format["dicom"] -= len(replaced)
+    by_format["dicom_series"] += len(series_rows)
+    return [r for r in rows if r["path"] not in replaced] + series_rows
 
 
 def _idx_rows(path: Path, rel: str, folder_split: str) -> list[dict[str, Any]]:

@@ -1,15 +1,21 @@
-"""NIfTI orientation: the one place that knows how a volume's voxel axes map to RAS+.
+"""Volume orientation: the one place that knows how a volume's voxel axes map to RAS+ and to the display.
 
-The reader reorients voxels with it before resizing; the export places NIfTI code maps on the same
-reoriented grid from the header alone. Both must agree exactly, so both use these two functions.
+The readers (NIfTI, MetaImage, NRRD, DICOM series) reorient voxels with it before resizing; the export places
+NIfTI code maps on the same reoriented grid from the header alone. Both must agree exactly, so both use these
+functions.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import nibabel as nib
 import numpy as np
 
-__all__ = ["canonical_grid", "ras_transform"]
+from vqmed.data.errors import UnreadableImageError
+
+__all__ = ["canonical_grid", "display_volume", "ras_transform", "volume_view"]
 
 
 def ras_transform(affine: np.ndarray) -> np.ndarray:
@@ -31,3 +37,27 @@ def canonical_grid(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarr
     for axis, (target, _flip) in enumerate(to_ras):
         new_shape[int(target)] = shape[axis]
     return new_affine, tuple(new_shape)
+
+
+def display_volume(arr: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A volume ``[X,Y,Z]`` (voxel axes of ``affine``, voxel -> RAS+ mm) as ``[H,W,D]`` axial slices in
+    radiological display (anterior up, the patient's right on the viewer's left), stacked inferior -> superior:
+    slice k of a volume is exactly its 2D view."""
+    # Reorient to RAS+ (as nibabel's as_closest_canonical and MONAI's Orientationd("RAS") do).
+    arr = nib.orientations.apply_orientation(arr, ras_transform(affine))
+    return arr[::-1, ::-1, :].transpose(1, 0, 2)
+
+
+def volume_view(path: Path, arr: np.ndarray, frame: int | None, spatial_dims: int, facts: dict[str, Any],
+                what: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """``[1,H,W,D]`` of a display volume (3D) or its axial slice ``frame`` (2D; ``None`` = the middle one)."""
+    if spatial_dims == 3:
+        if arr.shape[2] < 2:
+            raise UnreadableImageError(path, f"2D {what} cannot make a 3D input")
+        facts["frame"] = None
+        return np.ascontiguousarray(arr[None]), facts
+    k = arr.shape[2] // 2 if frame is None else int(frame)
+    if not 0 <= k < arr.shape[2]:
+        raise UnreadableImageError(path, f"slice {k} out of range (volume has {arr.shape[2]})")
+    facts["frame"] = k
+    return np.ascontiguousarray(arr[:, :, k][None]), facts

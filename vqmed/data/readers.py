@@ -1,10 +1,13 @@
-"""File readers: what a file is, its (cheap) header facts, and its raw pixels, channel first.
+"""The reader registry: what a file (or a DICOM series folder) is, its cheap header facts, and its pixels.
 
-One reader per format, each backed by the library that owns the format: PIL for PNG/JPEG/TIFF/BMP,
-nibabel for NIfTI, pydicom for DICOM (:mod:`vqmed.data.dicom`), numpy for MNIST-style IDX files.
-Readers return float32 arrays ``[C,H,W]`` (2D) or ``[C,H,W,D]`` (3D) in the file's own intensity
-units; scaling and resizing happen in the MONAI chain (:mod:`vqmed.data.transforms`). Every failure
-is an :class:`UnreadableImageError` with a one-line reason.
+``READERS`` holds one :class:`Reader` per format, each backed by the library that owns the format: PIL for
+PNG/JPEG/TIFF/BMP, pydicom for DICOM files (:mod:`vqmed.data.dicom`), nibabel for NIfTI, numpy for MNIST-style
+IDX files, SimpleITK for MetaImage, NRRD and DICOM series (:mod:`vqmed.data.itk`). A reader says whether a path
+is its format (``detect``), gives non-identifying header facts without decoding (``header``) and the pixels in
+display orientation (``pixels``): float32 ``[C,H,W]`` (2D) or ``[C,H,W,D]`` (3D, axial slices inferior to
+superior) in the file's own intensity units; scaling and resizing happen in the MONAI chain
+(:mod:`vqmed.data.transforms`). A new format is one entry here and its tests. Every failure is an
+:class:`UnreadableImageError` with a one-line reason.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import gzip
 import os
 import re
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,9 +26,9 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vqmed.data import dicom
+from vqmed.data import dicom, itk
 from vqmed.data.errors import UnreadableImageError
-from vqmed.data.orientation import ras_transform
+from vqmed.data.orientation import display_volume, volume_view
 
 # 2**29 pixels (e.g. a 23,000^2 image or a 512x512x2048 volume): larger headers are refused unread.
 DEFAULT_MAX_PIXELS = 1 << 29
@@ -43,18 +48,21 @@ _NIFTI_ERRORS = (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.err
 
 
 def detect_format(path: Path) -> str | None:
-    """``image``, ``nifti``, ``idx`` or ``dicom`` from the name (DICOM also by its ``DICM`` magic); else ``None``."""
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
-        return "nifti"
-    if IDX_NAME.search(name):
-        return "idx"
-    suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
-        return "image"
-    if suffix in DICOM_SUFFIXES or dicom.is_dicom_file(path):
-        return "dicom"
+    """The name of the first reader in :data:`READERS` that recognises ``path`` (by name, magic or folder); else ``None``."""
+    path = Path(path)
+    for reader in READERS.values():
+        if reader.detect(path):
+            return reader.name
     return None
+
+
+def check_source(path: Path) -> None:
+    """:func:`check_file` for files; a DICOM series folder must exist and be readable."""
+    if Path(path).is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise UnreadableImageError(path, "permission denied")
+        return
+    check_file(path)
 
 
 def check_file(path: Path) -> None:
@@ -97,19 +105,23 @@ def safe_path(data_root: Path, rel: str, allow_outside_root: bool = False) -> Pa
 
 def read_header(path: Path, fmt: str | None = None) -> dict[str, Any]:
     """Cheap header facts (format, size, frames, modality, ...) without decoding pixels."""
-    check_file(path)
+    path = Path(path)
+    check_source(path)
+    return _reader(path, fmt).header(path)
+
+
+def _reader(path: Path, fmt: str | None = None) -> Reader:
     fmt = fmt or detect_format(path)
-    if fmt == "dicom":
-        return dicom.header_facts(dicom.read_header(path))
-    if fmt == "image":
-        return _image_header(path)
-    if fmt == "nifti":
-        return _nifti_header(path)
-    if fmt == "idx":
-        dtype, shape = idx_header(path)
-        return {"format": "idx", "size": "x".join(map(str, shape[1:])), "frames": shape[0],
-                "channels": 1, "encoding": f"IDX {np.dtype(dtype).name}", "modality": "", "photometric": ""}
-    raise UnreadableImageError(path, f"unsupported file type {path.suffix or '(no suffix)'}")
+    if fmt not in READERS:
+        what = "folder without DICOM series" if path.is_dir() else f"file type {path.suffix or '(no suffix)'}"
+        raise UnreadableImageError(path, f"unsupported {what}")
+    return READERS[fmt]
+
+
+def _idx_facts(path: Path) -> dict[str, Any]:
+    dtype, shape = idx_header(path)
+    return {"format": "idx", "size": "x".join(map(str, shape[1:])), "frames": shape[0],
+            "channels": 1, "encoding": f"IDX {np.dtype(dtype).name}", "modality": "", "photometric": ""}
 
 
 def _image_header(path: Path) -> dict[str, Any]:
@@ -201,25 +213,16 @@ def read_pixels(
         frame: frame / slice index for multi-frame files (DICOM frame, NIfTI axial slice, IDX image,
             TIFF page); ``None`` = the middle one (IDX: required).
         spatial_dims: 2 -> ``[C,H,W]``; 3 -> ``[C,H,W,D]``, a stack of 2D views (NIfTI: axial slices
-            of the RAS-reoriented volume, inferior to superior; DICOM: the frames).
+            of the RAS-reoriented volume, inferior to superior; DICOM: the frames; MetaImage/NRRD/DICOM
+            series: as NIfTI).
         max_pixels: refuse files whose header declares more pixels than this, before decoding.
 
     Raises:
         UnreadableImageError: with a one-line reason.
     """
     path = Path(path)
-    check_file(path)
-    fmt = detect_format(path)
-    if fmt == "dicom":
-        arr, facts = dicom.read_pixels(path, frame, spatial_dims, max_pixels)
-    elif fmt == "image":
-        arr, facts = _read_image(path, frame, spatial_dims, max_pixels)
-    elif fmt == "nifti":
-        arr, facts = _read_nifti(path, frame, spatial_dims, max_pixels)
-    elif fmt == "idx":
-        arr, facts = _read_idx_frame(path, frame, spatial_dims)
-    else:
-        raise UnreadableImageError(path, f"unsupported file type {path.suffix or '(no suffix)'}")
+    check_source(path)
+    arr, facts = _reader(path).pixels(path, frame, spatial_dims, max_pixels)
     if arr.shape[0] not in (1, 3) or arr.ndim != spatial_dims + 1:
         raise UnreadableImageError(path, f"unexpected pixel array shape {arr.shape}")
     if not np.isfinite(arr).all():
@@ -281,21 +284,7 @@ def _read_nifti(path: Path, frame: int | None, spatial_dims: int, max_pixels: in
         raise UnreadableImageError(path, f"cannot read NIfTI data: {exc}") from exc
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    # Reorient to RAS+ (as nibabel's as_closest_canonical and MONAI's Orientationd("RAS") do).
-    arr = nib.orientations.apply_orientation(arr, ras_transform(img.affine))
-    # [H,W,D] = axial slices in radiological display (anterior up, patient's right on the viewer's
-    # left), stacked inferior -> superior: slice k of a volume is exactly its 2D view.
-    arr = arr[::-1, ::-1, :].transpose(1, 0, 2)
-    if spatial_dims == 3:
-        if arr.shape[2] < 2:
-            raise UnreadableImageError(path, "2D NIfTI cannot make a 3D input")
-        facts["frame"] = None
-        return np.ascontiguousarray(arr[None]), facts
-    k = arr.shape[2] // 2 if frame is None else int(frame)
-    if not 0 <= k < arr.shape[2]:
-        raise UnreadableImageError(path, f"slice {k} out of range (volume has {arr.shape[2]})")
-    facts["frame"] = k
-    return np.ascontiguousarray(arr[:, :, k][None]), facts
+    return volume_view(path, display_volume(arr, img.affine), frame, spatial_dims, facts, "NIfTI")
 
 
 def _read_idx_frame(path: Path, frame: int | None, spatial_dims: int) -> tuple[np.ndarray, dict]:
@@ -310,3 +299,54 @@ def _read_idx_frame(path: Path, frame: int | None, spatial_dims: int) -> tuple[n
     facts = {"format": "idx", "size": f"{arr.shape[1]}x{arr.shape[2]}", "frames": arr.shape[0], "channels": 1,
              "encoding": f"IDX {arr.dtype.name}", "modality": "", "photometric": "", "frame": k}
     return arr[k][None].astype(np.float32), facts
+
+
+# ----------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One format of the registry.
+
+    Args:
+        name: the format's name (the manifest's ``format`` column, the cache key's suffix).
+        detect: whether a path is this format (cheap: name, magic bytes, folder).
+        header: non-identifying header facts without decoding pixels.
+        pixels: ``(path, frame, spatial_dims, max_pixels) -> (float32 [C,H,W(,D)], facts)`` in display orientation.
+    """
+
+    name: str
+    detect: Callable[[Path], bool]
+    header: Callable[[Path], dict[str, Any]]
+    pixels: Callable[[Path, int | None, int, int], tuple[np.ndarray, dict[str, Any]]]
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _is_dicom(path: Path) -> bool:
+    return path.suffix.lower() in DICOM_SUFFIXES or (path.is_file() and dicom.is_dicom_file(path))
+
+
+#: Tried in order by :func:`detect_format`: names first, then the DICOM magic, then folders.
+READERS: dict[str, Reader] = {
+    r.name: r
+    for r in (
+        Reader("nifti", _is_nifti, _nifti_header, _read_nifti),
+        Reader("idx", lambda p: bool(IDX_NAME.search(p.name.lower())), _idx_facts,
+               lambda p, f, n, m: _read_idx_frame(p, f, n)),
+        Reader("image", _is_image, _image_header, _read_image),
+        Reader("metaimage", lambda p: p.suffix.lower() in itk.METAIMAGE_SUFFIXES, itk.image_header,
+               itk.read_image),
+        Reader("nrrd", lambda p: p.suffix.lower() in itk.NRRD_SUFFIXES, itk.image_header,
+               itk.read_image),
+        Reader("dicom", _is_dicom, lambda p: dicom.header_facts(dicom.read_header(p)), dicom.read_pixels),
+        Reader("dicom_series", lambda p: p.is_dir(), itk.series_header,
+               itk.read_series),
+    )
+}

@@ -16,7 +16,12 @@ from pathlib import Path
 
 from vqmed.tracking.mlflow_utils import _normalise_uri, _sqlite_db_path, default_tracking_uri, local_artifact_root
 
-__all__ = ["serve_ui", "stop_ui", "wait_for_ui", "free_port"]
+__all__ = ["experiment_urls", "serve_ui", "stop_ui", "wait_for_ui", "free_port"]
+
+# MLflow 3.17's UI picks an experiment's layout from the page address (``workflowType``) or the browser's saved
+# choice, and starts new browsers on GenAI (an empty "Traces" overview); older 3.x UIs read the experiment's
+# ``mlflow.experimentKind`` tag instead, which setup_mlflow sets. The addresses vqmed prints carry both.
+TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -105,6 +110,24 @@ def stop_ui(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         except ProcessLookupError:
             pass
         proc.wait(timeout=timeout)
+
+
+def experiment_urls(url: str, tracking_uri: str) -> dict[str, str]:
+    """``{experiment name: address of its Training runs in the UI at url}`` for every active experiment of the store."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    return {e.name: f"{url}/#/experiments/{e.experiment_id}?{TRAINING_VIEW}" for e in client.search_experiments()
+            if e.name != "Default" or client.search_runs([e.experiment_id], max_results=1)}
+
+
+def _print_ready(url: str, uri: str) -> None:
+    print(f"MLflow UI ready: {url}/#/experiments?{TRAINING_VIEW}", flush=True)
+    try:
+        for name, address in experiment_urls(url, uri).items():
+            print(f"  {name}: {address}", flush=True)
+    except Exception as err:  # the addresses are a convenience; the UI is up whatever the store says
+        print(f"  (cannot list experiments: {err})", flush=True)
 
 
 def _raise_exit(signum: int, frame: object) -> None:
@@ -197,7 +220,7 @@ def _serve_in_foreground(cmd: list[str], env: dict[str, str], url: str, uri: str
     try:
         try:
             wait_for_ui(url, timeout=wait_timeout or 120.0, proc=proc)
-            print(f"MLflow UI ready: {url}", flush=True)
+            _print_ready(url, uri)
         except RuntimeError as err:
             if proc.poll() is None:  # only slow to start: keep serving
                 print(f"warning: {err}", file=sys.stderr, flush=True)
@@ -235,6 +258,7 @@ def _start_in_background(cmd: list[str], env: dict[str, str], url: str, uri: str
         except BaseException:
             stop_ui(proc)
             raise
+        _print_ready(url, uri)
     return proc
 
 
