@@ -14,7 +14,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from vqmed.data import ImageDataset, ImageSpec, UnreadableImageError, build_manifest, itk
+from vqmed.data import ImageDataset, ImageSpec, UnreadableImageError, build_manifest, itk, load_image
 from vqmed.data.dicom import read_pixels as read_dicom_file
 from vqmed.data.readers import READERS, detect_format, read_header, read_pixels
 
@@ -156,3 +156,51 @@ def test_manifest_learns_series_folders_and_datasets_read_them(tmp_path, salt) -
     assert tuple(ds[0]["image"].shape) == (1, 8, 8, 8)
     again = ImageDataset(pd.concat([series]), root, spec, cache_dir=tmp_path / "cache", progress=False)
     assert again.stats["cached"] == 1  # the folder's content digest finds the cached volume
+
+
+def _overlay_correlation(volume: np.ndarray, grid_affine: np.ndarray, source: Path) -> float:
+    """Correlation between the model input's voxels and the source scan sampled (nearest voxel) at the same
+    world points: high only when the input grid's affine puts each voxel where it came from."""
+    img = nibabel.load(source)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    shape = volume.shape[1:]
+    ijk = np.stack(np.meshgrid(*[np.arange(0, s, 2) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    world = np.c_[ijk, np.ones(len(ijk))] @ grid_affine.T
+    src = np.rint((world @ np.linalg.inv(img.affine).T)[:, :3]).astype(int)
+    inside = np.all((src >= 0) & (src < np.array(data.shape[:3])), axis=1)
+    a = volume[0][tuple(ijk[inside].T)]
+    b = data[tuple(src[inside].T)]
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+MNI = Path(nibabel.__file__).parents[1] / "nilearn" / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+@pytest.mark.skipif(not MNI.is_file(), reason="nilearn's MNI152 template not installed")
+@pytest.mark.parametrize("spacing", [None, (3.0, 3.0, 3.0)])
+def test_model_input_overlays_its_source_in_world_coordinates(spacing) -> None:
+    spec = ImageSpec(48, 3, spacing=spacing)
+    volume, facts = load_image(MNI, spec)
+    assert volume.shape == (1, 48, 48, 48)
+    grid = np.asarray(facts["grid_affine"])
+    right = _overlay_correlation(volume, grid, MNI)
+    # wrong grids (rows and columns swapped; upside down; slices reversed) overlay worse: the check can fail
+    n = volume.shape[1] - 1
+    flips = [np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
+             np.array([[-1, 0, 0, n], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
+             np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, n], [0, 0, 0, 1]])]
+    wrong = [_overlay_correlation(volume, grid @ f, MNI) for f in flips]
+    assert right > 0.95 and right > max(wrong) + 0.05, (right, wrong)
+    if spacing:
+        np.testing.assert_allclose(np.linalg.norm(grid[:3, :3], axis=0), spacing, rtol=1e-5)
+        assert ImageSpec(48, 3, spacing=spacing).key() != ImageSpec(48, 3).key()
+
+
+def test_spacing_config_is_validated() -> None:
+    from vqmed.config import ConfigError, DataConfig
+
+    with pytest.raises(ConfigError, match="data.spacing"):
+        DataConfig(manifests=["m.csv"], spacing=[1.0, 1.0, 1.0]).validate()  # a 2D config
+    with pytest.raises(ConfigError, match="data.spacing"):
+        DataConfig(manifests=["m.csv"], spatial_dims=3, spacing=[1.0, 0.0, 1.0]).validate()
+    DataConfig(manifests=["m.csv"], spatial_dims=3, spacing=[1.0, 1.0, 2.0]).validate()

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vqmed.data import ImageDataset, ImageSpec, build_manifest, read_manifest, resolve_data_root
+from vqmed.data import ImageDataset, ImageSpec, build_manifest, load_image, read_manifest, resolve_data_root
 from vqmed.export import StoreError, compute_features, export_manifest, load
 from vqmed.networks import build_model, vqvae_loss
 from vqmed.models_io import CheckpointError
@@ -425,16 +425,17 @@ def test_3d_code_maps_as_nifti_overlay_the_scan(tmp_path):
     written = nib.load(out / store.index.loc[0, "nifti"])
     assert written.shape == (8, 8, 8)
     assert np.array_equal(np.asarray(written.dataobj), codes[0])
-    # Voxel size = source voxel size x (source extent / latent extent) per axis ...
-    src_zooms = np.array(source.header.get_zooms()[:3])
-    expected = src_zooms * np.array(source.shape[:3]) / 8
-    np.testing.assert_allclose(written.header.get_zooms()[:3], expected, rtol=1e-5)
-    # ... and both grids span the same field of view: their outer corners coincide in world space.
-    for corner in ([-0.5, -0.5, -0.5], [s - 0.5 for s in (8, 8, 8)]):
-        src_corner = [c if c < 0 else (c + 0.5) / 8 * s - 0.5 for c, s in zip(corner, source.shape[:3])]
-        world_latent = written.affine @ np.array([*corner, 1.0])
-        world_source = source.affine @ np.array([*src_corner, 1.0])
-        np.testing.assert_allclose(world_latent[:3], world_source[:3], atol=1e-4)
+    # The code map covers the model input's grid, which overlays the scan in world coordinates (checked in
+    # tests/test_data_itk.py): its voxels are 4 input voxels wide and the outer corners of both grids coincide.
+    _, facts = load_image(template, ImageSpec(32, 3))
+    grid = np.asarray(facts["grid_affine"])
+    np.testing.assert_allclose(np.abs(np.linalg.det(written.affine[:3, :3])), np.abs(np.linalg.det(grid[:3, :3])) * 4**3, rtol=1e-5)
+
+    def corners(affine, shape):
+        pts = np.array([[a, b, c, 1.0] for a in (-0.5, shape[0] - 0.5) for b in (-0.5, shape[1] - 0.5) for c in (-0.5, shape[2] - 0.5)])
+        return np.array(sorted(map(tuple, np.round((pts @ np.asarray(affine).T)[:, :3], 4))))
+
+    np.testing.assert_allclose(corners(written.affine, (8, 8, 8)), corners(source.affine, source.shape[:3]), atol=1e-3)
     assert int(written.header["sform_code"]) == int(source.header["sform_code"])
     # Decoding the 3D code map gives a volume of the model's input size.
     assert store.decode(codes).shape == (1, 1, 32, 32, 32)

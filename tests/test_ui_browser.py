@@ -115,10 +115,10 @@ def benchmark_run(pretrain_run, tmp_path) -> str:
          "--data-root", str(data_root())],
         ["benchmark", "--config", str(REPO / "configs" / "benchmark" / "pneumonia.yaml"), "--out", str(tmp_path / "bench"),
          "--set", f"export={tmp_path / 'store'}", "--set", f"data_root={data_root()}", "--set", "cache_dir=null",
-         "--set", "budgets.fractions=[0.25, 1.0]", "--set", "budgets.per_class=[]", "--set", "budgets.draws=2",
+         "--set", "budgets.fractions=[0.5, 1.0]", "--set", "budgets.per_class=[]", "--set", "budgets.draws=1",
          "--set", "probes.variants=[code_histogram]", "--set", "probes.classifiers=[logreg]",
          "--set", "baselines.pca=false", "--set", "baselines.random_encoder=false", "--set", "baselines.cnn_scratch=false",
-         "--set", "metrics.bootstrap=50", "--set", "jobs=1",
+         "--set", "metrics.bootstrap=20", "--set", "jobs=1",
          "--set", f"tracking.tracking_uri={uri}"],
     ]
     for args in steps:
@@ -172,7 +172,7 @@ def metric_values_on_page(text: str, key: str) -> list[float]:
     return [float(m) for m in re.findall(rf"{re.escape(key)}\s+(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)", text)]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_ui_shows_pretrain_run_val_psnr_and_reconstruction(pretrain_run, benchmark_run, tmp_path):
     chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright

@@ -35,6 +35,9 @@ class DataConfig:
         image_size: side length the images are resized to (pixels / voxels).
         spatial_dims: 2 for images, 3 for volumes.
         channels: 1 (grey; RGB with identical channels is converted) or 3 (true colour).
+        spacing: 3D only: ``[rows, columns, slices]`` voxel size in mm that every volume is resampled to before it
+            is centre-cropped or padded to the ``image_size`` cube (one grid for every scanner); ``None`` resizes
+            each volume to the cube.
         val_fraction: share of the unlabeled images held out for validation, split by patient.
         augment: mild augmentation for pretraining (small affine, intensity jitter).
         cache_dir: where decoded, resized images are cached (``None`` disables the cache).
@@ -48,6 +51,7 @@ class DataConfig:
     image_size: int = 64
     spatial_dims: int = 2
     channels: int = 1
+    spacing: list[float] | None = None
     val_fraction: float = 0.05
     augment: bool = True
     cache_dir: str | None = ".vqmed_cache"
@@ -59,6 +63,10 @@ class DataConfig:
         _check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
         _check(self.spatial_dims in (2, 3), "data.spatial_dims", f"must be 2 or 3, got {self.spatial_dims}")
         _check(self.channels in (1, 3), "data.channels", f"must be 1 or 3, got {self.channels}")
+        if self.spacing is not None:
+            _check(self.spatial_dims == 3, "data.spacing", "needs spatial_dims 3 (it resamples volumes)")
+            _check(len(self.spacing) == 3 and all(float(v) > 0 for v in self.spacing), "data.spacing",
+                   f"must be 3 positive voxel sizes in mm, got {self.spacing}")
         _check(0.0 < self.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
         _check(self.max_images is None or self.max_images > 0, "data.max_images", "must be positive or null")
 

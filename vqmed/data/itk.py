@@ -21,7 +21,7 @@ from pydicom.pixels import apply_voi_lut
 
 from vqmed.data import dicom
 from vqmed.data.errors import UnreadableImageError
-from vqmed.data.orientation import display_volume, volume_view
+from vqmed.data.orientation import display_affine, display_volume, volume_view
 
 __all__ = ["METAIMAGE_SUFFIXES", "NRRD_SUFFIXES", "image_affine", "image_header", "read_image", "read_series",
            "series_header", "series_in_folder", "series_problem"]
@@ -93,8 +93,15 @@ def read_image(path: Path, frame: int | None, spatial_dims: int, max_pixels: int
         return np.ascontiguousarray(arr), facts
     if image.GetDimension() != 3 or components != 1:
         raise UnreadableImageError(path, f"{image.GetDimension()}-D image with {components} components is not supported")
-    volume = display_volume(arr.transpose(2, 1, 0), image_affine(image))
-    return volume_view(path, volume, frame, spatial_dims, facts, facts["format"])
+    return volume_view(path, _display(arr, image, facts), frame, spatial_dims, facts, facts["format"])
+
+
+def _display(arr_zyx: np.ndarray, image: sitk.Image, facts: dict[str, Any]) -> np.ndarray:
+    """The display volume of SimpleITK's ``[z, y, x]`` array; its world affine goes to ``facts["affine"]``."""
+    xyz = arr_zyx.transpose(2, 1, 0)
+    affine = image_affine(image)
+    facts["affine"] = display_affine(affine, xyz.shape).tolist()
+    return display_volume(xyz, affine)
 
 
 # ----------------------------------------------------------------------------------- DICOM series
@@ -223,6 +230,5 @@ def read_series(folder: Path, frame: int | None, spatial_dims: int, max_pixels: 
         arr = arr.max() - arr  # air dark, as in vqmed.data.dicom
     facts.update(format="dicom_series", frames=count, slices=len(files), series=index,
                  spacing="x".join(f"{s:.4g}" for s in image.GetSpacing()), inverted=facts["photometric"] == "MONOCHROME1")
-    volume = display_volume(arr.transpose(2, 1, 0), image_affine(image))
-    return volume_view(folder, volume, None, spatial_dims, facts, "DICOM series")
+    return volume_view(folder, _display(arr, image, facts), None, spatial_dims, facts, "DICOM series")
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from vqmed.data.errors import UnreadableImageError
 
-__all__ = ["canonical_grid", "display_volume", "ras_transform", "volume_view"]
+__all__ = ["canonical_grid", "display_affine", "display_volume", "ras_transform", "resized_affine", "volume_view"]
 
 
 def ras_transform(affine: np.ndarray) -> np.ndarray:
@@ -46,6 +46,28 @@ def display_volume(arr: np.ndarray, affine: np.ndarray) -> np.ndarray:
     # Reorient to RAS+ (as nibabel's as_closest_canonical and MONAI's Orientationd("RAS") do).
     arr = nib.orientations.apply_orientation(arr, ras_transform(affine))
     return arr[::-1, ::-1, :].transpose(1, 0, 2)
+
+
+def display_affine(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The voxel -> world affine of :func:`display_volume`'s output for a volume of ``shape`` (its voxel axes)."""
+    canonical, (nx, ny, _) = canonical_grid(np.asarray(affine, dtype=np.float64), tuple(int(s) for s in shape[:3]))
+    # display [h, w, d] is RAS voxel [nx - 1 - w, ny - 1 - h, d]
+    to_ras = np.array([[0, -1, 0, nx - 1], [-1, 0, 0, ny - 1], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=np.float64)
+    return canonical @ to_ras
+
+
+def resized_affine(affine: np.ndarray, shape: tuple[int, ...], new_shape: tuple[int, ...]) -> np.ndarray:
+    """Affine of a grid of ``new_shape`` voxels covering the same field of view as ``shape`` voxels of ``affine``.
+
+    Each new voxel spans ``f = shape / new_shape`` old voxels per axis (an area resize, or a code map's latent
+    cell): the voxel size grows by ``f`` and the first new voxel's centre sits at old voxel ``(f - 1) / 2``, so
+    the two grids share their outer edges.
+    """
+    factors = np.asarray(shape[:3], dtype=np.float64) / np.asarray(new_shape[:3], dtype=np.float64)
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(factors)
+    scale[:3, 3] = (factors - 1.0) / 2.0
+    return np.asarray(affine, dtype=np.float64) @ scale
 
 
 def volume_view(path: Path, arr: np.ndarray, frame: int | None, spatial_dims: int, facts: dict[str, Any],

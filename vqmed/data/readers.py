@@ -28,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vqmed.data import dicom, itk
 from vqmed.data.errors import UnreadableImageError
-from vqmed.data.orientation import display_volume, volume_view
+from vqmed.data.orientation import display_affine, display_volume, volume_view
 
 # 2**29 pixels (e.g. a 23,000^2 image or a 512x512x2048 volume): larger headers are refused unread.
 DEFAULT_MAX_PIXELS = 1 << 29
@@ -284,6 +284,7 @@ def _read_nifti(path: Path, frame: int | None, spatial_dims: int, max_pixels: in
         raise UnreadableImageError(path, f"cannot read NIfTI data: {exc}") from exc
     if arr.ndim == 2:
         arr = arr[:, :, None]
+    facts["affine"] = display_affine(img.affine, arr.shape).tolist()
     return volume_view(path, display_volume(arr, img.affine), frame, spatial_dims, facts, "NIfTI")
 
 

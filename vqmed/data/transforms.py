@@ -4,7 +4,8 @@ Deterministic chain (cached by :class:`vqmed.data.ImageDataset`)::
 
     LoadMedicalImaged  file -> float32 [C,H,W(,D)] via PIL / pydicom / nibabel / IDX (display orientation)
     ToChannelsd        RGB -> grey (luminance; identical channels stay exact) or grey -> RGB
-    Resized            to spec.image_size (2D square, 3D cube), area interpolation (anti-aliased downsampling)
+    ToGridd            to spec.image_size (2D square, 3D cube), area interpolation (anti-aliased downsampling);
+                       3D with spec.spacing: resampled to that voxel size, centre-cropped/padded to the cube
     ScaleIntensityd    per-image min-max to [0, 1]
     EnsureTyped        plain float32 numpy, no MONAI metadata
 
@@ -36,11 +37,15 @@ from monai.transforms import (
     RandGaussianSmoothd,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    Resized,
+    Resize,
+    ResizeWithPadOrCrop,
     ScaleIntensityd,
+    Spacing,
 )
+from monai.data import MetaTensor
 
 from vqmed.data.errors import UnreadableImageError
+from vqmed.data.orientation import resized_affine
 from vqmed.data.readers import DEFAULT_MAX_PIXELS, read_pixels
 
 # Bump whenever the deterministic chain changes what it produces: it is part of every cache key.
@@ -58,13 +63,22 @@ class ImageSpec:
         image_size: side length after resizing (2D: ``image_size x image_size``; 3D: a cube).
         spatial_dims: 2 for images, 3 for volumes.
         channels: 1 (grey; RGB is converted by luminance) or 3 (true colour kept; grey repeated).
+        spacing: 3D only: voxel size in mm along the display axes (rows, columns, slices). Volumes are resampled
+            to it (MONAI ``Spacing``) and centre-cropped or padded to the cube, so every scanner's volume reaches
+            the model on one grid (a field of view of ``image_size x spacing`` mm); ``None`` resizes each volume
+            to the cube.
     """
 
     image_size: int
     spatial_dims: int = 2
     channels: int = 1
+    spacing: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.spacing is not None:
+            if self.spatial_dims != 3 or len(self.spacing) != 3 or min(self.spacing) <= 0:
+                raise ValueError(f"ImageSpec.spacing must be 3 positive mm values of a 3D spec, got {self.spacing}")
+            object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
         if int(self.image_size) < 1:
             raise ValueError(f"ImageSpec.image_size must be >= 1, got {self.image_size}")
         if self.spatial_dims not in (2, 3):
@@ -79,7 +93,8 @@ class ImageSpec:
 
     def key(self) -> str:
         """Stable short id of (spec, transform version), used to name the cache folder."""
-        payload = json.dumps({**asdict(self), "transform_version": TRANSFORM_VERSION}, sort_keys=True)
+        fields = {k: v for k, v in asdict(self).items() if not (k == "spacing" and v is None)}  # keys as before spacing
+        payload = json.dumps({**fields, "transform_version": TRANSFORM_VERSION}, sort_keys=True)
         digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
         return f"{self.spatial_dims}d-s{self.image_size}-c{self.channels}-v{TRANSFORM_VERSION}-{digest}"
 
@@ -155,15 +170,57 @@ class ToChannelsd(MapTransform):
         return d
 
 
+class ToGridd(MapTransform):
+    """Bring a volume onto the model's grid and record that grid's world affine in ``facts["grid_affine"]``.
+
+    With ``spec.spacing``: MONAI ``Spacing`` to that voxel size (bilinear), then ``ResizeWithPadOrCrop`` to the
+    cube (centred); MONAI tracks the affine through both. Without: an area resize to the cube, as for 2D.
+    Volumes whose reader gave no affine (e.g. a multi-frame DICOM) are resized and get no grid affine.
+
+    Args:
+        keys: image key(s).
+        spec: the image spec.
+        facts_key: key of the reader's facts (holding ``affine``, the display grid's voxel -> RAS mm affine).
+    """
+
+    def __init__(self, keys: str | list[str], spec: ImageSpec, facts_key: str = "facts") -> None:
+        super().__init__(keys)
+        self.spec = spec
+        self.facts_key = facts_key
+        cube = (spec.image_size,) * spec.spatial_dims
+        # "area" = adaptive average pooling: anti-aliased downsizing of 2000-px radiographs, cheap, exact for
+        # integer factors.
+        self.resize = Resize(spatial_size=cube, mode="area")
+        self.spacing = Spacing(pixdim=spec.spacing, mode="bilinear") if spec.spacing else None
+        self.crop = ResizeWithPadOrCrop(spatial_size=cube)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        facts = d.get(self.facts_key) if isinstance(d.get(self.facts_key), dict) else {}
+        affine = facts.get("affine") if self.spec.spatial_dims == 3 else None
+        for key in self.key_iterator(d):
+            img = np.asarray(d[key], dtype=np.float32)
+            if affine is not None and self.spacing is not None:
+                out = self.crop(self.spacing(MetaTensor(torch.from_numpy(img), affine=torch.tensor(affine))))
+                facts["grid_affine"] = np.asarray(out.affine, dtype=np.float64).tolist()
+                d[key] = out.as_tensor().numpy()
+                continue
+            if self.spacing is not None:
+                raise UnreadableImageError("?", "no world geometry to resample to data.spacing (not a NIfTI, "
+                                                "MetaImage, NRRD or DICOM series volume)")
+            if affine is not None:
+                facts["grid_affine"] = resized_affine(np.asarray(affine), img.shape[1:], self.resize.spatial_size).tolist()
+            d[key] = np.asarray(self.resize(img), dtype=np.float32)
+        return d
+
+
 def deterministic_transform(spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Compose:
-    """The cached part: load, fix channels, resize, scale to [0, 1] (see module docstring)."""
+    """The cached part: load, fix channels, resize (3D: or resample), scale to [0, 1] (see module docstring)."""
     return Compose(
         [
             LoadMedicalImaged("image", spatial_dims=spec.spatial_dims, max_pixels=max_pixels),
             ToChannelsd("image", channels=spec.channels),
-            # "area" = adaptive average pooling: anti-aliased downsizing of 2000-px radiographs,
-            # cheap, and exact for integer factors.
-            Resized("image", spatial_size=(spec.image_size,) * spec.spatial_dims, mode="area"),
+            ToGridd("image", spec),
             ScaleIntensityd("image", minv=0.0, maxv=1.0),
             EnsureTyped("image", data_type="numpy", dtype=np.float32, track_meta=False),
         ]

@@ -118,7 +118,8 @@ def load_images(index: pd.DataFrame, data_root: str | None, spec: dict[str, int]
     """
     from vqmed.data import ImageDataset, ImageSpec, resolve_data_root
 
-    image_spec = ImageSpec(image_size=spec["image_size"], spatial_dims=spec["spatial_dims"], channels=spec["channels"])
+    image_spec = ImageSpec(image_size=spec["image_size"], spatial_dims=spec["spatial_dims"], channels=spec["channels"],
+                           spacing=tuple(spec["spacing"]) if spec.get("spacing") else None)
     ds = ImageDataset(index, resolve_data_root(data_root), image_spec, cache_dir=Path(cache_dir) if cache_dir else None)
     rows = np.asarray(ds.rows)
     if len(rows) != len(index):

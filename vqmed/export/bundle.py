@@ -186,14 +186,16 @@ def preprocessing_in_words(spec: ImageSpec) -> str:
     return (
         "Read with the format's own library in display orientation (DICOM: modality LUT, VOI LUT or window, "
         "MONOCHROME1 inverted; NIfTI/MetaImage/NRRD/DICOM series: RAS+, axial slices inferior to superior); "
-        f"{colour}; resized to {grid} with area interpolation; per-image min-max scaling to [0, 1]; "
+        f"{colour}; "
+        + (f"resampled to {'x'.join(f'{v:g}' for v in spec.spacing)} mm voxels and centre-cropped/padded to {grid}; "
+           if spec.spacing else f"resized to {grid} with area interpolation; ")
+        + "per-image min-max scaling to [0, 1]; "
         "rounded to 8 bits (k / 255), as vqmed's datasets store images."
     )
 
 
 def inference_config(spec: ImageSpec, meta: dict[str, Any]) -> dict[str, Any]:
     """``configs/inference.json``: vqmed's deterministic MONAI chain, the encoder and :class:`SaveCodesd`."""
-    size = [spec.image_size] * spec.spatial_dims
     return {
         "imports": ["$from vqmed.export.bundle import bundle_datalist"],
         "bundle_root": ".",
@@ -211,7 +213,9 @@ def inference_config(spec: ImageSpec, meta: dict[str, Any]) -> dict[str, Any]:
             "transforms": [
                 {"_target_": "vqmed.data.transforms.LoadMedicalImaged", "keys": "image", "spatial_dims": spec.spatial_dims},
                 {"_target_": "vqmed.data.transforms.ToChannelsd", "keys": "image", "channels": spec.channels},
-                {"_target_": "Resized", "keys": "image", "spatial_size": size, "mode": "area"},
+                {"_target_": "vqmed.data.transforms.ToGridd", "keys": "image",
+                 "spec": {"_target_": "vqmed.data.ImageSpec", "image_size": spec.image_size, "spatial_dims": spec.spatial_dims,
+                          "channels": spec.channels, "spacing": list(spec.spacing) if spec.spacing else None}},
                 {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
                 {"_target_": "EnsureTyped", "keys": "image", "data_type": "numpy", "dtype": "$np.float32", "track_meta": False},
                 # vqmed's datasets hold images as 8 bits (the model trained and exports on exactly these values)

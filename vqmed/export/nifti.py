@@ -1,4 +1,9 @@
-"""3D code maps as NIfTI on the scan's own world grid, to overlay in a viewer."""
+"""3D code maps as NIfTI in the scan's world coordinates, to overlay in a viewer.
+
+The model input's grid (display orientation, resized or resampled to ``data.spacing``) and its world affine come
+from the data room's own transform chain (``facts["grid_affine"]``), so the code map lies where the loader put
+the voxels, whatever the format (NIfTI, MetaImage, NRRD, DICOM series).
+"""
 
 from __future__ import annotations
 
@@ -8,30 +13,16 @@ import nibabel as nib
 import numpy as np
 
 from vqmed.atomic import commit_temporary, temporary_path
-from vqmed.data import ImageSpec
-from vqmed.data.orientation import canonical_grid
+from vqmed.data import ImageSpec, UnreadableImageError, load_image
+from vqmed.data.orientation import resized_affine
 
 __all__ = ["latent_affine", "NiftiWriter"]
 
 
-def latent_affine(source_affine: np.ndarray, source_shape: tuple[int, ...], latent_shape: tuple[int, ...]) -> np.ndarray:
-    """Affine of a latent grid covering the same field of view as the source volume.
-
-    The volume of ``source_shape`` voxels is resized to the model's input and downsampled to
-    ``latent_shape``, so each latent voxel spans ``f = source / latent`` source voxels per axis: the
-    voxel size grows by ``f`` and the first latent voxel's centre sits at source voxel ``(f - 1) / 2``
-    (the centre of the block it summarises), so the two grids share their outer edges.
-
-    Args:
-        source_affine: ``(4, 4)`` voxel-to-world affine of the source volume.
-        source_shape: the source volume's spatial shape (3 axes).
-        latent_shape: the code map's shape (3 axes).
-    """
-    factors = np.asarray(source_shape[:3], dtype=np.float64) / np.asarray(latent_shape[:3], dtype=np.float64)
-    scale = np.eye(4)
-    scale[:3, :3] = np.diag(factors)
-    scale[:3, 3] = (factors - 1.0) / 2.0
-    return np.asarray(source_affine, dtype=np.float64) @ scale
+def latent_affine(grid_affine: np.ndarray, grid_shape: tuple[int, ...], latent_shape: tuple[int, ...]) -> np.ndarray:
+    """Affine of a code map covering the model input's grid (``grid_shape`` voxels of ``grid_affine``): each latent
+    voxel summarises a block of input voxels (see :func:`vqmed.data.orientation.resized_affine`)."""
+    return resized_affine(grid_affine, grid_shape, latent_shape)
 
 
 class NiftiWriter:
@@ -50,16 +41,21 @@ class NiftiWriter:
         self.spec = spec
 
     def source_grid(self, relative_path: str) -> tuple[np.ndarray, tuple[int, ...], int]:
-        """The source volume's affine, spatial shape and sform code (header only, no voxels read)."""
+        """The model input grid's world affine, its shape and the NIfTI space code (the source's sform code for
+        NIfTI, else 1 = scanner). Loads the volume once more through the deterministic chain."""
         path = self.data_root / relative_path
         try:
-            image = nib.load(path)
-        except Exception:
-            # Not a format nibabel reads (e.g. a DICOM series): fall back to the model's voxel grid.
+            _, facts = load_image(path, self.spec)
+        except UnreadableImageError:
+            facts = {}
+        if "grid_affine" not in facts:
+            # no world geometry (e.g. a multi-frame DICOM file): the model's voxel grid
             return np.eye(4), (self.spec.image_size,) * 3, 0
-        code = int(image.header["sform_code"]) if isinstance(image, nib.Nifti1Image) else 2
-        affine, shape = canonical_grid(np.asarray(image.affine), tuple(int(s) for s in image.shape[:3]))
-        return affine, shape, code or 2
+        code = 1
+        if facts.get("format") == "nifti":
+            header = nib.load(path).header
+            code = int(header["sform_code"]) if isinstance(header, nib.Nifti1Header) else 2
+        return np.asarray(facts["grid_affine"]), (self.spec.image_size,) * 3, code or 2
 
     def write(self, key: str, codes: np.ndarray, relative_path: str) -> str:
         """Write one code map; returns its path relative to the store."""

@@ -60,6 +60,7 @@ def image_spec(meta: dict[str, Any]) -> ImageSpec:
         image_size=int(data["image_size"]),
         spatial_dims=int(data.get("spatial_dims", model_cfg.get("spatial_dims", 2))),
         channels=int(data.get("channels", model_cfg.get("in_channels", 1))),
+        spacing=tuple(data["spacing"]) if data.get("spacing") else None,
     )
 
 
@@ -352,7 +353,8 @@ def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
         "pretrain_run_id": info.get("mlflow_run_id"),
         "codebook_hash": book_hash,
         "levels": int(getattr(model, "levels", 1)),
-        "image_spec": {"image_size": spec.image_size, "spatial_dims": spec.spatial_dims, "channels": spec.channels},
+        "image_spec": {"image_size": spec.image_size, "spatial_dims": spec.spatial_dims, "channels": spec.channels,
+                       **({"spacing": list(spec.spacing)} if spec.spacing else {})},
         "arrays": arrays_meta,
         "keep_ids": bool(keep_ids),
         "salt_check": salt_check(salt),

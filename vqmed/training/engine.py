@@ -93,7 +93,8 @@ class Trainer:
             # Half-written files of a run killed mid-write (the renamed ones are whole).
             remove_stale_temporaries(self.out, (RUN_FILE, SUMMARY_FILE, "final.pt"))
             remove_stale_temporaries(self.ckpt_dir)
-        self.spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels)
+        self.spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels,
+                              tuple(cfg.data.spacing) if cfg.data.spacing else None)
         self._build_model()
         self._build_data()
         self._build_optimizer()
