@@ -222,8 +222,13 @@ def _serve_in_foreground(cmd: list[str], env: dict[str, str], url: str, uri: str
             wait_for_ui(url, timeout=wait_timeout or 120.0, proc=proc)
             _print_ready(url, uri)
         except RuntimeError as err:
-            if proc.poll() is None:  # only slow to start: keep serving
+            if proc.poll() is None:  # only slow to start: keep serving, and say where once it answers
                 print(f"warning: {err}", file=sys.stderr, flush=True)
+                try:
+                    wait_for_ui(url, timeout=3600.0, proc=proc)
+                    _print_ready(url, uri)
+                except RuntimeError:
+                    pass
         proc.wait()
     except KeyboardInterrupt:
         interrupted = True
