@@ -360,15 +360,17 @@ def test_dataset_input_is_logged_by_digest_without_patient_data(store):
     assert str(data_root()) not in logged
 
 
-def test_serve_ui_serves_store_and_artifacts(store, tmp_path):
+def test_serve_ui_serves_store_and_artifacts(store, tmp_path, capsys):
     exp_id = setup_mlflow(store, "vqmed-pretrain")
     xray = load_batch(kermany_files(per_label=1)[:1], size=32)[0]
     with mlflow.start_run(run_name="pretrain-ui-check") as run:
         log_metrics({"val_psnr": 21.5}, step=1)
         log_image_array(xray, "reconstructions/x.png")
-    proc = serve_ui(port=0, tracking_uri=store, block=False, log_path=tmp_path / "ui.log", wait_timeout=60)
+    proc = serve_ui(port=0, tracking_uri=store, block=False, log_path=tmp_path / "ui.log", wait_timeout=150)
     try:
         assert proc.url.startswith("http://127.0.0.1:")
+        # each experiment's address opens MLflow 3.17's UI on its Training runs (workflowType), not GenAI traces
+        assert f"vqmed-pretrain: {proc.url}/#/experiments/{exp_id}?workflowType=machine_learning" in capsys.readouterr().out
         with urllib.request.urlopen(f"{proc.url}/api/2.0/mlflow/runs/get?run_id={run.info.run_id}", timeout=10) as r:
             got = json.load(r)["run"]
         assert got["info"]["run_name"] == "pretrain-ui-check" and got["info"]["experiment_id"] == exp_id
