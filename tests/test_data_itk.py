@@ -14,7 +14,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from vqmed.data import ImageDataset, ImageSpec, UnreadableImageError, build_manifest, itk, load_image
+from vqmed.data import ImageDataset, ImageSpec, UnreadableImageError, build_manifest, check_manifest, itk, load_image
 from vqmed.data.dicom import read_pixels as read_dicom_file
 from vqmed.data.readers import READERS, detect_format, read_header, read_pixels
 
@@ -149,6 +149,8 @@ def test_manifest_learns_series_folders_and_datasets_read_them(tmp_path, salt) -
     # the frames mode (2D) keeps one row per instance
     frames, _ = build_manifest(root / "archive", root, progress=False)
     assert "dicom_series" not in set(frames["format"])
+
+    assert check_manifest(series, root, progress=False).ok
 
     spec = ImageSpec(image_size=8, spatial_dims=3)
     ds = ImageDataset(series, root, spec, cache_dir=tmp_path / "cache", progress=False)
