@@ -313,7 +313,7 @@ def worker_data(spec: dict[str, Any]) -> dict[str, Any]:
     manifest = read_manifest(MANIFEST)
     manifest = manifest[manifest["split"] == "train"]
     manifest = manifest.iloc[np.linspace(0, len(manifest) - 1, spec["images"]).astype(int)].reset_index(drop=True)
-    image_spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels)
+    image_spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels, cfg.data.resize, cfg.data.intensity)
 
     def one_run(cache: Path) -> dict[str, Any]:
         """A fresh process's view: build the dataset (hash; decode what the cache lacks), then one epoch."""

@@ -3,9 +3,14 @@
 Deterministic chain (cached by :class:`vqmed.data.ImageDataset`)::
 
     LoadMedicalImaged  file -> float32 [C,H,W(,D)] via PIL / pydicom / nibabel / IDX (display orientation)
+    CheckDegenerated   quarantine what cannot be a model input (see DEGENERATE_RULE)
     ToChannelsd        RGB -> grey (luminance; identical channels stay exact) or grey -> RGB
-    Resized            to spec.image_size (2D square, 3D cube), area interpolation (anti-aliased downsampling)
-    ScaleIntensityd    per-image min-max to [0, 1]
+    Resized            to spec.image_size, area interpolation (anti-aliased downsampling); spec.resize:
+                       squeeze = every side to image_size (aspect ratio lost; the default, as trained so far),
+                       pad = longest side to image_size (aspect kept), crop = shortest side to image_size
+    ScaleIntensityd    spec.intensity: minmax = per-image min-max to [0, 1] (the default), or
+                       ScaleIntensityRangePercentilesd: 0.5-99.5th percentile window to [0, 1], clipped
+    ResizeWithPadOrCropd  pad (black) / centre-crop to the square or cube (pad and crop modes)
     EnsureTyped        plain float32 numpy, no MONAI metadata
 
 Augmentation chains (pretraining only, applied on top of the cached image, then clamped to [0, 1]):
@@ -37,14 +42,26 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     Resized,
+    ResizeWithPadOrCropd,
     ScaleIntensityd,
+    ScaleIntensityRangePercentilesd,
 )
 
+from vqmed.config import INTENSITY_MODES, RESIZE_MODES
 from vqmed.data.errors import UnreadableImageError
 from vqmed.data.readers import DEFAULT_MAX_PIXELS, read_pixels
 
 # Bump whenever the deterministic chain changes what it produces: it is part of every cache key.
-TRANSFORM_VERSION = 1
+# 2: degenerate images are quarantined (a cached constant image must not survive the rule).
+TRANSFORM_VERSION = 2
+
+# The documented rule for degenerate inputs (README "Images"): quarantined with this reason, never
+# silently turned into an all-black input.
+MIN_SIDE = 8  # below the smallest downsampling factor of the project's encoders (4-16)
+MAX_ASPECT = 20.0  # longer side over shorter side; real films and slices stay far below (1024x256 NM: 4)
+PERCENTILES = (0.5, 99.5)
+DEGENERATE_RULE = (f"an image is quarantined when a side is under {MIN_SIDE} pixels, its sides differ more than "
+                   f"{MAX_ASPECT:g}-fold, or every pixel has the same value")
 
 # ITU-R BT.601 luma, as PIL's convert("L"); weights sum to 1, so identical channels give that channel.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -58,13 +75,21 @@ class ImageSpec:
         image_size: side length after resizing (2D: ``image_size x image_size``; 3D: a cube).
         spatial_dims: 2 for images, 3 for volumes.
         channels: 1 (grey; RGB is converted by luminance) or 3 (true colour kept; grey repeated).
+        resize: ``squeeze``, ``pad`` or ``crop`` (see the module docstring).
+        intensity: ``minmax`` or ``percentile`` (see the module docstring).
     """
 
     image_size: int
     spatial_dims: int = 2
     channels: int = 1
+    resize: str = "squeeze"
+    intensity: str = "minmax"
 
     def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"ImageSpec.resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"ImageSpec.intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
         if int(self.image_size) < 1:
             raise ValueError(f"ImageSpec.image_size must be >= 1, got {self.image_size}")
         if self.spatial_dims not in (2, 3):
@@ -155,19 +180,71 @@ class ToChannelsd(MapTransform):
         return d
 
 
-def deterministic_transform(spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Compose:
-    """The cached part: load, fix channels, resize, scale to [0, 1] (see module docstring)."""
-    return Compose(
-        [
-            LoadMedicalImaged("image", spatial_dims=spec.spatial_dims, max_pixels=max_pixels),
-            ToChannelsd("image", channels=spec.channels),
+class CheckDegenerated(MapTransform):
+    """Refuse degenerate inputs (:data:`DEGENERATE_RULE`) with an :class:`UnreadableImageError` naming why.
+
+    Args:
+        keys: keys holding channel-first arrays ``[C,H,W(,D)]``; the in-plane sides are ``H`` and ``W``.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = np.asarray(d[key])
+            h, w = img.shape[1:3]
+            if min(h, w) < MIN_SIDE:
+                raise UnreadableImageError(d.get("_path", ""), f"degenerate image: {h}x{w} pixels, a side is under {MIN_SIDE}")
+            if max(h, w) > MAX_ASPECT * min(h, w):
+                raise UnreadableImageError(d.get("_path", ""), f"degenerate image: {h}x{w} pixels, sides differ more than {MAX_ASPECT:g}-fold")
+            if img.size and float(img.max()) == float(img.min()):
+                raise UnreadableImageError(d.get("_path", ""), f"degenerate image: every pixel is {float(img.min()):g} (constant, no content)")
+        return d
+
+
+class ResizeByModed(MapTransform):
+    """Resize for ``squeeze`` (every side to ``size``), ``pad`` (longest side) or ``crop`` (shortest side).
+
+    Args:
+        keys: keys holding channel-first arrays.
+        size: the target side length.
+        mode: ``squeeze``, ``pad`` or ``crop``.
+    """
+
+    def __init__(self, keys: str | list[str], size: int, mode: str = "squeeze") -> None:
+        super().__init__(keys)
+        self.size, self.mode = int(size), mode
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            sides = np.asarray(d[key]).shape[1:]
+            if self.mode == "squeeze":
+                target = (self.size,) * len(sides)
+            else:
+                ref = max(sides) if self.mode == "pad" else min(sides)
+                target = tuple(max(1, round(s * self.size / ref)) for s in sides)
             # "area" = adaptive average pooling: anti-aliased downsizing of 2000-px radiographs,
             # cheap, and exact for integer factors.
-            Resized("image", spatial_size=(spec.image_size,) * spec.spatial_dims, mode="area"),
-            ScaleIntensityd("image", minv=0.0, maxv=1.0),
-            EnsureTyped("image", data_type="numpy", dtype=np.float32, track_meta=False),
-        ]
-    )
+            d[key] = Resized(key, spatial_size=target, mode="area")({key: d[key]})[key]
+        return d
+
+
+def deterministic_transform(spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Compose:
+    """The cached part: load, refuse degenerate images, fix channels, resize, scale to [0, 1] (module docstring)."""
+    lo, hi = PERCENTILES
+    scale = (ScaleIntensityd("image", minv=0.0, maxv=1.0) if spec.intensity == "minmax" else
+             ScaleIntensityRangePercentilesd("image", lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True))
+    chain = [
+        LoadMedicalImaged("image", spatial_dims=spec.spatial_dims, max_pixels=max_pixels),
+        CheckDegenerated("image"),
+        ToChannelsd("image", channels=spec.channels),
+        ResizeByModed("image", spec.image_size, spec.resize),
+        scale,
+    ]
+    if spec.resize != "squeeze":  # after scaling, so that the bars are black and no percentile counts them
+        chain.append(ResizeWithPadOrCropd("image", spatial_size=(spec.image_size,) * spec.spatial_dims))
+    chain.append(EnsureTyped("image", data_type="numpy", dtype=np.float32, track_meta=False))
+    return Compose(chain)
 
 
 AUGMENTATIONS = ("mild", "views")

@@ -93,7 +93,7 @@ class Trainer:
             # Half-written files of a run killed mid-write (the renamed ones are whole).
             remove_stale_temporaries(self.out, (RUN_FILE, SUMMARY_FILE, "final.pt"))
             remove_stale_temporaries(self.ckpt_dir)
-        self.spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels)
+        self.spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels, cfg.data.resize, cfg.data.intensity)
         self._build_model()
         self._build_data()
         self._build_optimizer()
@@ -136,8 +136,8 @@ class Trainer:
             quarantine = self.out / "quarantine.csv"
             entries = list(self.train_set.quarantine.entries) + list(self.val_set.quarantine.entries)
             if entries:
-                self.train_set.quarantine.entries.extend(self.val_set.quarantine.entries)
-                self.train_set.quarantine.write(quarantine)
+                self.train_set.quarantine.merge(self.val_set.quarantine)
+                self.train_set.quarantine.write(quarantine, keep_paths=cfg.data.keep_paths)
                 print(f"quarantined {len(entries)} unreadable file(s): see {quarantine}")
         if len(self.train_set) < cfg.train.batch_size * self.rt.world_size:
             raise ConfigError(
