@@ -441,3 +441,37 @@ def test_preview_writes_model_view_and_facts(data_root, tmp_path):
     assert not [n for n in names for b in blobs if n.encode() in b]
     kept = preview_files(files[2:3], tmp_path / "kept", ImageSpec(64), keep_paths=True)[0]
     assert kept["file"] == str(files[2]) and "dx_chest_j2k_corrupt_codestream.dcm" in (tmp_path / "kept" / "quarantine.csv").read_text()
+
+
+def test_resize_modes_keep_the_aspect_ratio(data_root, tmp_path):
+    """``squeeze`` (the default, unchanged) stretches; ``pad`` keeps the aspect ratio with black bars;
+    ``crop`` keeps it by cutting the long side (a real 4:1 strip cut from the RSNA chest film)."""
+    raw = pydicom.dcmread(data_root / "dicom" / "chest" / "cr_chest_pa_rsna_jpeg_baseline.dcm").pixel_array
+    wide = raw[384:640, :]  # 256 x 1024
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    squeeze, _ = load_image(tmp_path / "wide.png", ImageSpec(64))
+    scaled = np.asarray(Image.fromarray(wide.astype(np.float32)).resize((64, 64), Image.BOX))
+    assert np.corrcoef(squeeze[0].ravel(), scaled.ravel())[0, 1] > 0.99  # the old behaviour is the default
+    pad, _ = load_image(tmp_path / "wide.png", ImageSpec(64, resize="pad"))
+    assert pad.shape == (1, 64, 64) and np.all(pad[0, :24] == 0) and np.all(pad[0, 40:] == 0)
+    band = np.asarray(Image.fromarray(wide.astype(np.float32)).resize((64, 16), Image.BOX))
+    assert np.corrcoef(pad[0, 24:40].ravel(), band.ravel())[0, 1] > 0.99  # 4:1 content, not squeezed
+    crop, _ = load_image(tmp_path / "wide.png", ImageSpec(64, resize="crop"))
+    centre = np.asarray(Image.fromarray(wide.astype(np.float32)).resize((256, 64), Image.BOX))[:, 96:160]
+    assert np.corrcoef(crop[0].ravel(), centre.ravel())[0, 1] > 0.99
+
+
+def test_percentile_window_ignores_a_burned_in_marker(data_root, tmp_path):
+    """Min-max after downsampling lets a small bright marker set the brightness; the percentile window does not."""
+    film = np.asarray(Image.open(data_root / "chest_xray" / "test" / "NORMAL" / "IM-0001-0001.jpeg").convert("L")).copy()
+    Image.fromarray(film).save(tmp_path / "film.png")
+    film[8:14, 8:14] = 255  # an "R" marker's worth of burned-in white
+    film[8:14, 16:22] = 0
+    Image.fromarray(film).save(tmp_path / "marked.png")
+    shift = {}
+    for mode in ("minmax", "percentile"):
+        a, _ = load_image(tmp_path / "film.png", ImageSpec(64, intensity=mode))
+        b, _ = load_image(tmp_path / "marked.png", ImageSpec(64, intensity=mode))
+        assert 0.0 <= b.min() and b.max() <= 1.0
+        shift[mode] = abs(float(a[0, 8:].mean() - b[0, 8:].mean()))  # away from the marker
+    assert shift["percentile"] < 0.01 and shift["percentile"] < shift["minmax"], shift

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -216,14 +217,17 @@ class Trainer:
     def _start_tracking(self) -> None:
         if not self.rt.is_main:
             return
-        from vqmed.tracking import log_dataset_input, log_params, setup_mlflow, start_run
+        from vqmed.tracking import flush_backlog, log_dataset_input, log_params, set_backlog_dir, setup_mlflow, start_run
 
+        # What a server that dies mid-run cannot take is kept here and sent when it is back (or by --resume).
+        set_backlog_dir(self.out / "tracking_backlog")
         setup_mlflow(self.cfg.tracking.tracking_uri, self.cfg.tracking.experiment)
         run_file = self.out / RUN_FILE
         if self.run_id is None and run_file.exists():
             self.run_id = json.loads(run_file.read_text())["mlflow_run_id"]
         if self.run_id is not None:
             start_run(run_id=self.run_id)
+            flush_backlog()
             return
         run = start_run(run_name=self.cfg.name)
         self.run_id = run.info.run_id
@@ -462,6 +466,7 @@ class Trainer:
         atomic_write_json(self.out / SUMMARY_FILE, summary)
         log_artifact(self.out / SUMMARY_FILE)
         end_run()
+        _report_backlog(self.out)
         return summary
 
     def _log_mlflow_model(self) -> None:
@@ -481,3 +486,15 @@ class Trainer:
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any] | None:
     """Pretrain the configured model; returns the summary on rank 0 (``None`` on other ranks)."""
     return Trainer(cfg, resume).run()
+
+
+def _report_backlog(out: Path) -> None:
+    """Send what a tracking server that died mid-run could not take; warn (not fail) about what is still left."""
+    from vqmed.tracking import backlog_size, flush_backlog
+
+    flush_backlog()
+    left = backlog_size()
+    if left:
+        print(f"vqmed: warning: the training finished, but {left} tracking entries could not be sent to the MLflow "
+              f"server; they are kept in {out / 'tracking_backlog'} and sent by `vqmed pretrain --resume` with the same "
+              "--out once the server is back", file=sys.stderr, flush=True)
