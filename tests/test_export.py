@@ -99,6 +99,11 @@ def exported(checkpoint, small_manifest, data_root, tmp_path_factory) -> tuple[P
     return out, summary
 
 
+def _paths(store, manifest_path: Path) -> list[str]:
+    """The stored images' paths, from the manifest (the store holds none: names may identify patients)."""
+    return read_manifest(manifest_path)["path"].iloc[store.index["row"].to_numpy()].tolist()
+
+
 def _images(manifest_path: Path, data_root: Path, paths: list[str]) -> torch.Tensor:
     rows = read_manifest(manifest_path).set_index("path").loc[paths].reset_index()
     ds = ImageDataset(rows, data_root, ImageSpec(SIZE), progress=False)
@@ -227,7 +232,7 @@ def test_export_is_deterministic_and_never_changes_the_codebook(exported, checkp
     export_manifest(checkpoint, small_manifest, again, data_root, batch_size=32, progress=False, shard_size=100)
     second = load(again)
     assert second.meta["model_id"] == first.meta["model_id"]
-    assert first.index["path"].tolist() == second.index["path"].tolist()
+    assert first.index["key"].tolist() == second.index["key"].tolist() and "path" not in first.index.columns
     for name in ("codes", "code_histogram", "quantized_mean", "continuous_mean"):
         assert np.array_equal(first.array(name), second.array(name)), name
     # Checkpoint untouched, and the stored codebook is the checkpoint's, bit for bit.
@@ -239,7 +244,7 @@ def test_export_is_deterministic_and_never_changes_the_codebook(exported, checkp
     model = first.model()
     model.train()
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
-    images = _images(small_manifest, data_root, first.index["path"].tolist()[:16])
+    images = _images(small_manifest, data_root, _paths(first, small_manifest)[:16])
     features = compute_features(model, images)
     assert not model.training
     assert all(torch.equal(buffers[k], v) for k, v in model.state_dict().items())
@@ -288,7 +293,7 @@ def _check_resumed(out: Path, manifest: pd.DataFrame, reference: Path | None = N
     store = load(out)
     n = len(manifest)
     assert len(store.index) == n and store.index["key"].is_unique
-    assert sorted(store.index["path"]) == sorted(manifest["path"])
+    assert sorted(manifest["path"].iloc[store.index["row"].to_numpy()]) == sorted(manifest["path"])
     # Every part is complete and listed once: raw parts hold no duplicate either.
     raw = pd.concat([pd.read_parquet(p) for p in (out / "shards").glob("*.parquet")])
     assert len(raw) == n and raw["key"].is_unique
@@ -302,8 +307,8 @@ def _check_resumed(out: Path, manifest: pd.DataFrame, reference: Path | None = N
         # of two codes may flip (bit-identical codes for identical batching are tested separately).
         # A misaligned or duplicated row would agree on only a few percent of its codes.
         ref = load(reference)
-        position = pd.Series(np.arange(len(ref.index)), index=ref.index["path"])
-        expected = ref.array("codes")[position.loc[store.index["path"]].to_numpy()]
+        position = pd.Series(np.arange(len(ref.index)), index=ref.index["key"])  # salted (study, path, frame)
+        expected = ref.array("codes")[position.loc[store.index["key"]].to_numpy()]
         per_image = (codes == expected).reshape(len(codes), -1).mean(axis=1)
         assert per_image.min() > 0.98 and per_image.mean() > 0.999, (per_image.min(), per_image.mean())
 
@@ -540,8 +545,8 @@ def test_torchrun_ranks_write_disjoint_shards_merged_at_load(exported, checkpoin
     assert (out / "index.parquet").is_file() and set(pd.read_parquet(out / "index.parquet")["key"]) == set(index["key"])
     # Same codes as the single-process export.
     ref = load(exported[0])
-    position = pd.Series(np.arange(len(ref.index)), index=ref.index["path"])
-    assert np.array_equal(store.array("codes"), ref.array("codes")[position.loc[index["path"]].to_numpy()])
+    position = pd.Series(np.arange(len(ref.index)), index=ref.index["key"])
+    assert np.array_equal(store.array("codes"), ref.array("codes")[position.loc[index["key"]].to_numpy()])
 
 
 # ---------------------------------------------------------------------------------------- streaming
@@ -585,7 +590,7 @@ def test_two_level_model_exports_both_code_maps_and_decodes_exactly(small_manife
     assert store.codebook.shape == (64, 16) and store.codebook_top.shape == (32, 16)
     assert np.allclose(store.array("code_histogram_top").sum(1), 1.0)
     assert (store.index["codes_top_shape"] == "8x8").all()
-    images = _images(few, data_root, store.index["path"].tolist())
+    images = _images(few, data_root, _paths(store, few))
     with torch.no_grad():
         own = model.index_quantize(images)
         recon = model.decode_indices(own)

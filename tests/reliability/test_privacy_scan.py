@@ -156,10 +156,10 @@ def pipeline(tmp_path_factory, data_root, kermany, make_config, run_cli):
     config = make_config(out, [labeled], root, data={"splits": [], "max_images": None},
                          train={"epochs": 1, "max_steps": 8, "checkpoint_every": 4},
                          tracking={"experiment": "privacy", "tracking_uri": f"sqlite:///{out / 'mlflow.db'}"})
-    steps["pretrain"] = run_cli("pretrain", "--config", config, log=logs / "pretrain.log", cwd=out)
+    steps["pretrain"] = run_cli("pretrain", "--config", config, log=logs / "pretrain.log", cwd=out, timeout=900)
     assert steps["pretrain"].returncode == 0, steps["pretrain"].stderr[-3000:]
     steps["export"] = run_cli("export", "--model", out / "run", "--manifest", labeled, "--out", out / "store",
-                              "--data-root", root, "--batch-size", "32", log=logs / "export.log", cwd=out)
+                              "--data-root", root, "--batch-size", "32", log=logs / "export.log", cwd=out, timeout=900)
     assert steps["export"].returncode == 0, steps["export"].stderr[-3000:]
 
     bench = {
@@ -173,7 +173,8 @@ def pipeline(tmp_path_factory, data_root, kermany, make_config, run_cli):
         "tracking": {"experiment": "privacy-benchmark", "tracking_uri": f"sqlite:///{out / 'mlflow.db'}"},
     }
     (out / "bench.yaml").write_text(yaml.safe_dump(bench))
-    steps["benchmark"] = run_cli("benchmark", "--config", out / "bench.yaml", log=logs / "benchmark.log", cwd=out)
+    steps["benchmark"] = run_cli("benchmark", "--config", out / "bench.yaml", log=logs / "benchmark.log", cwd=out,
+                                 timeout=900)
     previewed = sorted(p for p in root.rglob("*") if p.suffix in (".png", ".jpg", ".dcm") and "cut_" not in p.name)[:6]
     previewed += sorted((root / "planted").rglob("*.*"))[:2]
     steps["preview"] = run_cli("preview", *previewed, "--out", out / "preview", "--image-size", "32",
