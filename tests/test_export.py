@@ -125,11 +125,12 @@ def test_export_writes_sharded_store_with_index_and_features(exported, small_man
     store = load(out)
     index = store.index
     assert len(index) == 300 and index["key"].is_unique
-    for column in ("study_id", "path", "split", "label", "patient_key", "codes_shape", "model_id",
+    for column in ("study_id", "row", "split", "label", "patient_key", "codes_shape", "model_id",
                    "codebook_hash", "export_time", "shard", "shard_row"):
         assert column in index.columns, column
+    assert "path" not in index.columns  # names may identify a patient; `row` leads back to the manifest
     # Labels and splits come from the manifest, row for row.
-    merged = index.merge(manifest, on="path", suffixes=("", "_manifest"))
+    merged = index.merge(manifest.reset_index(names="row"), on="row", suffixes=("", "_manifest"))
     assert len(merged) == 300
     assert (merged["label"] == merged["label_manifest"]).all() and (merged["split"] == merged["split_manifest"]).all()
     assert set(index["split"]) == {"train", "test"} and set(index["label"]) == {"NORMAL", "PNEUMONIA"}
@@ -157,7 +158,7 @@ def test_export_writes_sharded_store_with_index_and_features(exported, small_man
 
     meta = store.meta
     assert meta["model_name"] == "vqvae" and meta["model_config"]["num_embeddings"] == 64
-    assert meta["image_spec"] == {"image_size": SIZE, "spatial_dims": 2, "channels": 1}
+    assert meta["image_spec"] == {"image_size": SIZE, "spatial_dims": 2, "channels": 1, "resize": "squeeze", "intensity": "minmax"}
     assert meta["model_ref"] == str(checkpoint.resolve()) and (index["model_id"] == meta["model_id"]).all()
 
 
@@ -167,7 +168,7 @@ def test_codes_match_the_model_and_decode_exactly(exported, small_manifest, data
     store = load(out)
     index = store.index
     first = index.index[:32]  # one export batch (same batch composition as the export)
-    paths = index.loc[first, "path"].tolist()
+    paths = _paths(store, small_manifest)[:32]
     images = _images(small_manifest, data_root, paths)
     model = store.model()
     codes = store.array("codes")[first]
@@ -194,7 +195,7 @@ def test_encoder_grid_pools_every_encoder_stage(exported, small_manifest, data_r
     the 1x1 projection) mean- / std-pooled on a 4x4 grid, concatenated in order, stored as float16."""
     store = load(exported[0])
     first = store.index.index[:32]
-    images = _images(small_manifest, data_root, store.index.loc[first, "path"].tolist())
+    images = _images(small_manifest, data_root, _paths(store, small_manifest)[:32])
     model = store.model().eval()
     means, stds, h = [], [], images
     with torch.no_grad():
@@ -614,7 +615,7 @@ def test_unreadable_files_are_quarantined_and_retried(checkpoint, small_manifest
     manifest = tmp_path / "with_bad.csv"
     rows.to_csv(manifest, index=False)
     out = tmp_path / "store"
-    summary = export_manifest(checkpoint, manifest, out, root, progress=False)
+    summary = export_manifest(checkpoint, manifest, out, root, progress=False, keep_paths=True)  # paths for this test
     assert (summary["exported"], summary["quarantined"]) == (4, 2)
     assert sorted(load(out).index["path"]) == sorted(rows["path"].iloc[2:])
     listed = pd.read_csv(out / "quarantine.csv")
@@ -622,6 +623,6 @@ def test_unreadable_files_are_quarantined_and_retried(checkpoint, small_manifest
     # Fixed files are picked up by the next run; the quarantine list is rewritten (now empty: removed).
     for rel in rows["path"].iloc[:2]:
         shutil.copy(data_root / rel, root / rel)
-    again = export_manifest(checkpoint, manifest, out, root, progress=False)
+    again = export_manifest(checkpoint, manifest, out, root, progress=False, keep_paths=True)
     assert (again["exported"], again["skipped"], again["quarantined"]) == (2, 4, 0)
     assert len(load(out).index) == 6 and not (out / "quarantine.csv").exists()
