@@ -313,7 +313,9 @@ def worker_data(spec: dict[str, Any]) -> dict[str, Any]:
     manifest = read_manifest(MANIFEST)
     manifest = manifest[manifest["split"] == "train"]
     manifest = manifest.iloc[np.linspace(0, len(manifest) - 1, spec["images"]).astype(int)].reset_index(drop=True)
-    image_spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels)
+    image_spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels,
+                           spacing=tuple(cfg.data.spacing) if cfg.data.spacing else None,
+                           resize=cfg.data.resize, intensity=cfg.data.intensity)
 
     def one_run(cache: Path) -> dict[str, Any]:
         """A fresh process's view: build the dataset (hash; decode what the cache lacks), then one epoch."""

@@ -171,11 +171,14 @@ def test_bad_files_quarantined_good_kept(mixed_root, tmp_path):
     for path, reason in ds.quarantine.entries:
         assert path in expected and __import__("re").search(expected[path], reason), (path, reason)
     out = tmp_path / "q" / "quarantine.csv"
-    ds.quarantine.write(out)
+    ds.quarantine.write(out, keep_paths=True)
     with open(out, encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
-    assert rows[0] == ["path", "reason"] and sorted(r[0] for r in rows[1:]) == sorted(expected)
-    assert all(len(r) == 2 and r[1] for r in rows[1:])
+    assert rows[0] == ["study_id", "reason", "path"] and sorted(r[2] for r in rows[1:]) == sorted(expected)
+    assert all(len(r) == 3 and r[1] for r in rows[1:])
+    ds.quarantine.write(out)  # the default: salted study ids, no path (names may identify a patient)
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("study_id,reason\n") and not any(Path(p).name in text for p in expected)
 
 
 def test_fail_fast_raises_on_first_bad_file(mixed_root):

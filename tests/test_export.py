@@ -99,6 +99,11 @@ def exported(checkpoint, small_manifest, data_root, tmp_path_factory) -> tuple[P
     return out, summary
 
 
+def _paths(store, manifest_path: Path) -> list[str]:
+    """The stored images' paths, from the manifest (the store holds none: names may identify patients)."""
+    return read_manifest(manifest_path)["path"].iloc[store.index["row"].to_numpy()].tolist()
+
+
 def _images(manifest_path: Path, data_root: Path, paths: list[str]) -> torch.Tensor:
     rows = read_manifest(manifest_path).set_index("path").loc[paths].reset_index()
     ds = ImageDataset(rows, data_root, ImageSpec(SIZE), progress=False)
@@ -120,11 +125,12 @@ def test_export_writes_sharded_store_with_index_and_features(exported, small_man
     store = load(out)
     index = store.index
     assert len(index) == 300 and index["key"].is_unique
-    for column in ("study_id", "path", "split", "label", "patient_key", "codes_shape", "model_id",
+    for column in ("study_id", "row", "split", "label", "patient_key", "codes_shape", "model_id",
                    "codebook_hash", "export_time", "shard", "shard_row"):
         assert column in index.columns, column
+    assert "path" not in index.columns  # names may identify a patient; `row` leads back to the manifest
     # Labels and splits come from the manifest, row for row.
-    merged = index.merge(manifest, on="path", suffixes=("", "_manifest"))
+    merged = index.merge(manifest.reset_index(names="row"), on="row", suffixes=("", "_manifest"))
     assert len(merged) == 300
     assert (merged["label"] == merged["label_manifest"]).all() and (merged["split"] == merged["split_manifest"]).all()
     assert set(index["split"]) == {"train", "test"} and set(index["label"]) == {"NORMAL", "PNEUMONIA"}
@@ -152,7 +158,7 @@ def test_export_writes_sharded_store_with_index_and_features(exported, small_man
 
     meta = store.meta
     assert meta["model_name"] == "vqvae" and meta["model_config"]["num_embeddings"] == 64
-    assert meta["image_spec"] == {"image_size": SIZE, "spatial_dims": 2, "channels": 1}
+    assert meta["image_spec"] == {"image_size": SIZE, "spatial_dims": 2, "channels": 1, "resize": "squeeze", "intensity": "minmax"}
     assert meta["model_ref"] == str(checkpoint.resolve()) and (index["model_id"] == meta["model_id"]).all()
 
 
@@ -162,7 +168,7 @@ def test_codes_match_the_model_and_decode_exactly(exported, small_manifest, data
     store = load(out)
     index = store.index
     first = index.index[:32]  # one export batch (same batch composition as the export)
-    paths = index.loc[first, "path"].tolist()
+    paths = _paths(store, small_manifest)[:32]
     images = _images(small_manifest, data_root, paths)
     model = store.model()
     codes = store.array("codes")[first]
@@ -189,7 +195,7 @@ def test_encoder_grid_pools_every_encoder_stage(exported, small_manifest, data_r
     the 1x1 projection) mean- / std-pooled on a 4x4 grid, concatenated in order, stored as float16."""
     store = load(exported[0])
     first = store.index.index[:32]
-    images = _images(small_manifest, data_root, store.index.loc[first, "path"].tolist())
+    images = _images(small_manifest, data_root, _paths(store, small_manifest)[:32])
     model = store.model().eval()
     means, stds, h = [], [], images
     with torch.no_grad():
@@ -227,7 +233,7 @@ def test_export_is_deterministic_and_never_changes_the_codebook(exported, checkp
     export_manifest(checkpoint, small_manifest, again, data_root, batch_size=32, progress=False, shard_size=100)
     second = load(again)
     assert second.meta["model_id"] == first.meta["model_id"]
-    assert first.index["path"].tolist() == second.index["path"].tolist()
+    assert first.index["key"].tolist() == second.index["key"].tolist() and "path" not in first.index.columns
     for name in ("codes", "code_histogram", "quantized_mean", "continuous_mean"):
         assert np.array_equal(first.array(name), second.array(name)), name
     # Checkpoint untouched, and the stored codebook is the checkpoint's, bit for bit.
@@ -239,7 +245,7 @@ def test_export_is_deterministic_and_never_changes_the_codebook(exported, checkp
     model = first.model()
     model.train()
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
-    images = _images(small_manifest, data_root, first.index["path"].tolist()[:16])
+    images = _images(small_manifest, data_root, _paths(first, small_manifest)[:16])
     features = compute_features(model, images)
     assert not model.training
     assert all(torch.equal(buffers[k], v) for k, v in model.state_dict().items())
@@ -288,7 +294,7 @@ def _check_resumed(out: Path, manifest: pd.DataFrame, reference: Path | None = N
     store = load(out)
     n = len(manifest)
     assert len(store.index) == n and store.index["key"].is_unique
-    assert sorted(store.index["path"]) == sorted(manifest["path"])
+    assert sorted(manifest["path"].iloc[store.index["row"].to_numpy()]) == sorted(manifest["path"])
     # Every part is complete and listed once: raw parts hold no duplicate either.
     raw = pd.concat([pd.read_parquet(p) for p in (out / "shards").glob("*.parquet")])
     assert len(raw) == n and raw["key"].is_unique
@@ -302,8 +308,8 @@ def _check_resumed(out: Path, manifest: pd.DataFrame, reference: Path | None = N
         # of two codes may flip (bit-identical codes for identical batching are tested separately).
         # A misaligned or duplicated row would agree on only a few percent of its codes.
         ref = load(reference)
-        position = pd.Series(np.arange(len(ref.index)), index=ref.index["path"])
-        expected = ref.array("codes")[position.loc[store.index["path"]].to_numpy()]
+        position = pd.Series(np.arange(len(ref.index)), index=ref.index["key"])  # salted (study, path, frame)
+        expected = ref.array("codes")[position.loc[store.index["key"]].to_numpy()]
         per_image = (codes == expected).reshape(len(codes), -1).mean(axis=1)
         assert per_image.min() > 0.98 and per_image.mean() > 0.999, (per_image.min(), per_image.mean())
 
@@ -541,8 +547,8 @@ def test_torchrun_ranks_write_disjoint_shards_merged_at_load(exported, checkpoin
     assert (out / "index.parquet").is_file() and set(pd.read_parquet(out / "index.parquet")["key"]) == set(index["key"])
     # Same codes as the single-process export.
     ref = load(exported[0])
-    position = pd.Series(np.arange(len(ref.index)), index=ref.index["path"])
-    assert np.array_equal(store.array("codes"), ref.array("codes")[position.loc[index["path"]].to_numpy()])
+    position = pd.Series(np.arange(len(ref.index)), index=ref.index["key"])
+    assert np.array_equal(store.array("codes"), ref.array("codes")[position.loc[index["key"]].to_numpy()])
 
 
 # ---------------------------------------------------------------------------------------- streaming
@@ -586,7 +592,7 @@ def test_two_level_model_exports_both_code_maps_and_decodes_exactly(small_manife
     assert store.codebook.shape == (64, 16) and store.codebook_top.shape == (32, 16)
     assert np.allclose(store.array("code_histogram_top").sum(1), 1.0)
     assert (store.index["codes_top_shape"] == "8x8").all()
-    images = _images(few, data_root, store.index["path"].tolist())
+    images = _images(few, data_root, _paths(store, few))
     with torch.no_grad():
         own = model.index_quantize(images)
         recon = model.decode_indices(own)
@@ -610,7 +616,7 @@ def test_unreadable_files_are_quarantined_and_retried(checkpoint, small_manifest
     manifest = tmp_path / "with_bad.csv"
     rows.to_csv(manifest, index=False)
     out = tmp_path / "store"
-    summary = export_manifest(checkpoint, manifest, out, root, progress=False)
+    summary = export_manifest(checkpoint, manifest, out, root, progress=False, keep_paths=True)  # paths for this test
     assert (summary["exported"], summary["quarantined"]) == (4, 2)
     assert sorted(load(out).index["path"]) == sorted(rows["path"].iloc[2:])
     listed = pd.read_csv(out / "quarantine.csv")
@@ -618,6 +624,6 @@ def test_unreadable_files_are_quarantined_and_retried(checkpoint, small_manifest
     # Fixed files are picked up by the next run; the quarantine list is rewritten (now empty: removed).
     for rel in rows["path"].iloc[:2]:
         shutil.copy(data_root / rel, root / rel)
-    again = export_manifest(checkpoint, manifest, out, root, progress=False)
+    again = export_manifest(checkpoint, manifest, out, root, progress=False, keep_paths=True)
     assert (again["exported"], again["skipped"], again["quarantined"]) == (2, 4, 0)
     assert len(load(out).index) == 6 and not (out / "quarantine.csv").exists()

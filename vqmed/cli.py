@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,39 @@ class UserError(Exception):
     """An error caused by the user's input; printed without a traceback."""
 
 
+def _writable_dir(out: str | Path, flag: str = "--out") -> Path:
+    """``out`` as a folder this process can write (created if missing), else a :class:`UserError`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is an existing file; give a folder (new or existing) to write into")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".vqmed-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{flag} {out} is not writable ({exc.strerror or exc}); give a folder you can write to") from None
+    return out
+
+
+def _writable_file(out: str | Path, flag: str = "--out") -> Path:
+    """``out`` as a file path this process can write (its folder created if missing), else a :class:`UserError`."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{flag} {out} is a folder; give a file name such as {out / 'manifest.csv'}")
+    _writable_dir(out.parent if str(out.parent) else ".", flag=f"{flag} {out}: folder")
+    return out
+
+
+def _image_size(value: int, spatial_dims: int = 2) -> int:
+    from vqmed.config import image_size_problem
+
+    problem = image_size_problem(value, spatial_dims)
+    if problem:
+        raise UserError(f"--image-size {problem}")
+    return value
+
+
 def _cmd_manifest_build(args: argparse.Namespace) -> int:
     from vqmed.data import build_manifest, resolve_data_root, write_manifest
 
@@ -25,29 +59,38 @@ def _cmd_manifest_build(args: argparse.Namespace) -> int:
     root = Path(args.root)
     if not root.is_absolute() and not root.exists():
         root = data_root / root
+    out = _writable_file(args.out)
     manifest, report = build_manifest(root.resolve(), data_root, salt=args.salt, progress=not args.quiet,
-                                      multiframe="volume" if args.volumes else "frames")
-    write_manifest(manifest, Path(args.out))
+                                      multiframe="volume" if args.volumes else "frames", keep_paths=args.keep_paths)
+    write_manifest(manifest, out)
     print(f"wrote {len(manifest)} rows to {args.out}")
     print(json.dumps(report, indent=2, default=str))
     return 0
 
 
 def _cmd_manifest_check(args: argparse.Namespace) -> int:
-    from vqmed.data import check_manifest, read_manifest, resolve_data_root
+    from vqmed.data import ImageSpec, check_manifest, read_manifest, resolve_data_root
 
-    report = check_manifest(read_manifest(Path(args.file)), resolve_data_root(args.data_root))
-    print(report.summary())
+    spec = ImageSpec(image_size=_image_size(args.image_size), spatial_dims=2, channels=1)
+    report = check_manifest(read_manifest(Path(args.file)), resolve_data_root(args.data_root), progress=not args.quiet,
+                            decode=None if args.headers_only else spec, workers=args.workers)
+    print(report.summary(keep_paths=args.keep_paths))
     return 0 if report.ok else 1
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
     from vqmed.data import ImageSpec, preview_files
 
-    spec = ImageSpec(image_size=args.image_size, spatial_dims=2, channels=args.channels)
-    facts = preview_files([Path(f) for f in args.files], Path(args.out), spec)
+    spec = ImageSpec(image_size=_image_size(args.image_size), spatial_dims=2, channels=args.channels)
+    out = _writable_dir(args.out)
+    facts = preview_files([Path(f) for f in args.files], out, spec, keep_paths=args.keep_paths)
     for line in facts:
         print("  ".join(f"{k}={v}" for k, v in line.items()))
+    failed = sum(1 for line in facts if line["status"] != "ok")
+    if failed:
+        print(f"vqmed preview: {failed} of {len(facts)} file(s) could not be read; reasons in {out / 'preview.tsv'}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -60,6 +103,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         overrides.append(f"out={args.out}")
     if args.data_root:
         overrides.append(f"data.data_root={args.data_root}")
+    if args.keep_paths:
+        overrides.append("data.keep_paths=true")
     cfg = load_config(PretrainConfig, args.config, overrides)
     summary = pretrain(cfg, resume=args.resume)
     if summary is not None:
@@ -74,11 +119,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     # the flags are shorthands for --set overrides of the YAML config (or of ExportConfig's defaults)
     overrides = list(args.set or [])
     flags = {"model": args.model, "manifest": args.manifest, "out": args.out, "data_root": args.data_root,
-             "batch_size": args.batch_size, "keep_ids": args.keep_ids, "nifti": args.nifti}
+             "batch_size": args.batch_size, "keep_ids": args.keep_ids, "nifti": args.nifti,
+             "keep_paths": args.keep_paths}
     overrides += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
     if args.arrays is not None:
         overrides.append(f"arrays={json.dumps([a.strip() for a in args.arrays.split(',') if a.strip()])}")
     cfg = load_config(ExportConfig, args.config, overrides)  # no --config: ExportConfig's defaults
+    if cfg.out:
+        _writable_dir(cfg.out)
     summary = export_manifest(
         cfg.model,
         Path(cfg.manifest),
@@ -91,6 +139,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         cache_dir=cfg.cache_dir,
         device=cfg.device,
         arrays=cfg.arrays,
+        keep_paths=cfg.keep_paths,
     )
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -141,10 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--volumes", action="store_true",
                        help="one row per volume (a multi-frame DICOM file, a DICOM series folder) instead of per frame")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.add_argument("--keep-paths", action="store_true",
+                       help="ids of PNG/JPEG/IDX rows from their paths as text, and list skipped files by path "
+                            "(off: salted ids, counts only; names may identify patients)")
     build.set_defaults(func=_cmd_manifest_build)
-    check = msub.add_parser("check", help="report missing/unreadable files, duplicate ids, patients in several splits")
+    check = msub.add_parser("check", help="decode every file and report the ones that would be quarantined, missing "
+                                          "files, duplicate ids, patients in several splits")
     check.add_argument("file")
     check.add_argument("--data-root")
+    check.add_argument("--headers-only", action="store_true", help="read headers only (fast; misses decoding errors)")
+    check.add_argument("--image-size", type=int, default=64, help="size to decode to (as a model would; default 64)")
+    check.add_argument("--workers", type=int, default=None, help="decoding processes (default: the CPU count)")
+    check.add_argument("--keep-paths", action="store_true", help="name bad files by path (off: manifest line and study id)")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
     check.set_defaults(func=_cmd_manifest_check)
 
     preview = sub.add_parser("preview", help="write files as the model sees them (PNG) with their header facts")
@@ -152,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--out", required=True)
     preview.add_argument("--image-size", type=int, default=256)
     preview.add_argument("--channels", type=int, choices=(1, 3), default=1)
+    preview.add_argument("--keep-paths", action="store_true", help="also write file paths / names into the outputs (off: outputs name studies by salted ids only)")
     preview.set_defaults(func=_cmd_preview)
 
     pre = sub.add_parser("pretrain", help="pretrain a VQ-VAE on unlabeled images (torchrun-ready)")
@@ -160,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", help="output directory (overrides `out` in the config)")
     pre.add_argument("--data-root", help="overrides data.data_root")
     pre.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints and the same MLflow run")
+    pre.add_argument("--keep-paths", action="store_true", default=None, help="sets data.keep_paths: quarantine.csv lists file paths")
     pre.set_defaults(func=_cmd_pretrain)
 
     exp = sub.add_parser("export", help="export code maps and embeddings of every study with the frozen encoder")
@@ -173,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--arrays", help="comma-separated feature arrays to write (overrides `arrays`; code maps always)")
     exp.add_argument("--keep-ids", action="store_true", default=None, help="keep the manifest's study ids instead of salted hashes")
     exp.add_argument("--nifti", action="store_true", default=None, help="also write 3D code maps as NIfTI on the scan's grid")
+    exp.add_argument("--keep-paths", action="store_true", default=None, help="also write file paths / names into the outputs (off: outputs name studies by salted ids only)")
     exp.add_argument("--quiet", action="store_true", help="no progress bar")
     exp.set_defaults(func=_cmd_export)
 

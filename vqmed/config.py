@@ -23,6 +23,22 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and the source."""
 
 
+# Model input side lengths: below 8 no encoder downsamples meaningfully; above these an image (float32,
+# several copies while resizing) costs gigabytes per item and no model of this project needs it.
+MIN_IMAGE_SIZE = 8
+MAX_IMAGE_SIZE = {2: 4096, 3: 512}
+RESIZE_MODES = ("squeeze", "pad", "crop")
+INTENSITY_MODES = ("minmax", "percentile")
+
+
+def image_size_problem(size: Any, spatial_dims: int = 2) -> str | None:
+    """What is wrong with a model input size (``None`` when it is fine), as one line."""
+    top = MAX_IMAGE_SIZE.get(int(spatial_dims), MAX_IMAGE_SIZE[2])
+    if not isinstance(size, int) or isinstance(size, bool) or not MIN_IMAGE_SIZE <= size <= top:
+        return f"must be an integer from {MIN_IMAGE_SIZE} to {top} ({spatial_dims}D), got {size!r}"
+    return None
+
+
 @dataclass
 class DataConfig:
     """Which images to read and how they reach the model.
@@ -43,6 +59,11 @@ class DataConfig:
         cache_dir: where decoded, resized images are cached (``None`` disables the cache).
         fail_fast: stop at the first unreadable file instead of quarantining it.
         max_images: use at most this many images (after the split filter); ``None`` = all.
+        resize: ``squeeze`` (stretch to a square, the aspect ratio is lost), ``pad`` (longest side to
+            ``image_size``, black bars) or ``crop`` (shortest side to ``image_size``, centre crop).
+        intensity: ``minmax`` (per-image min-max after resizing) or ``percentile`` (0.5-99.5th
+            percentile window, clipped: small burned-in markers do not set the brightness).
+        keep_paths: write file paths into ``quarantine.csv`` (off: salted study ids only).
     """
 
     manifests: list[str] = field(default_factory=list)
@@ -57,11 +78,18 @@ class DataConfig:
     cache_dir: str | None = ".vqmed_cache"
     fail_fast: bool = False
     max_images: int | None = None
+    resize: str = "squeeze"
+    intensity: str = "minmax"
+    keep_paths: bool = False
 
     def validate(self) -> None:
         _check(len(self.manifests) > 0, "data.manifests", "must list at least one manifest CSV")
-        _check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
         _check(self.spatial_dims in (2, 3), "data.spatial_dims", f"must be 2 or 3, got {self.spatial_dims}")
+        problem = image_size_problem(self.image_size, self.spatial_dims)
+        _check(problem is None, "data.image_size", str(problem))
+        _check(self.resize in RESIZE_MODES, "data.resize", f"must be one of {list(RESIZE_MODES)}, got {self.resize!r}")
+        _check(self.intensity in INTENSITY_MODES, "data.intensity",
+               f"must be one of {list(INTENSITY_MODES)}, got {self.intensity!r}")
         _check(self.channels in (1, 3), "data.channels", f"must be 1 or 3, got {self.channels}")
         if self.spacing is not None:
             _check(self.spatial_dims == 3, "data.spacing", "needs spatial_dims 3 (it resamples volumes)")
@@ -358,6 +386,7 @@ class ExportConfig:
         cache_dir: image cache of the data loader (e.g. the pretraining's ``.vqmed_cache``); ``None``:
             decode in memory.
         device: ``auto``, ``cpu`` or ``cuda``.
+        keep_paths: also write each image's path into the index and ``quarantine.csv`` (off: salted ids only).
     """
 
     model: str | None = None
@@ -370,6 +399,7 @@ class ExportConfig:
     nifti: bool = False
     cache_dir: str | None = None
     device: str = "auto"
+    keep_paths: bool = False
 
     def validate(self) -> None:
         for key in ("model", "manifest", "out"):

@@ -66,7 +66,7 @@ def test_export_quarantines_escaping_rows(small_root, small_checkpoint, tmp_path
                                                                                    patient_id="p", modality="")])
     path = tmp_path / "escapes.csv"
     manifest.to_csv(path, index=False)
-    summary = export_manifest(small_checkpoint, path, tmp_path / "store", root, progress=False)
+    summary = export_manifest(small_checkpoint, path, tmp_path / "store", root, progress=False, keep_paths=True)
     assert (summary["exported"], summary["quarantined"]) == (4, 2)
     assert sorted(load(tmp_path / "store").index["path"]) == sorted(good["path"])
     listed = pd.read_csv(tmp_path / "store" / "quarantine.csv")

@@ -102,7 +102,7 @@ def test_export_killed_twice_then_rerun(small_checkpoint, kermany, data_root, tm
     index = _check_store_consistent(out)
     # Every study exactly once.
     assert len(index) == ROWS and index["study_id"].is_unique and index["key"].is_unique
-    assert sorted(index["path"]) == sorted(rows["path"])
+    assert sorted(rows["path"].iloc[index["row"].to_numpy()]) == sorted(rows["path"])
     raw = pd.concat([pd.read_parquet(p, columns=["key"]) for p in (out / "shards").glob("*.parquet")])
     assert len(raw) == ROWS, "a study is listed in two committed parts"
     # No temporary file, no orphan arrays, no index part without arrays.
@@ -116,7 +116,7 @@ def test_export_killed_twice_then_rerun(small_checkpoint, kermany, data_root, tm
     reference = tmp_path / "reference"
     export_manifest(small_checkpoint, manifest, reference, data_root, batch_size=8, progress=False, shard_size=16)
     ref = load(reference)
-    position = pd.Series(np.arange(len(ref.index)), index=ref.index["path"])
-    aligned = position.loc[store.index["path"]].to_numpy()
+    position = pd.Series(np.arange(len(ref.index)), index=ref.index["key"])  # salted (study, path, frame)
+    aligned = position.loc[store.index["key"]].to_numpy()
     assert np.array_equal(store.array("codes"), ref.array("codes")[aligned])
     np.testing.assert_allclose(store.array("continuous_mean"), ref.array("continuous_mean")[aligned], rtol=1e-5, atol=1e-6)

@@ -1,7 +1,10 @@
 """Privacy: 40 copies of the real RSNA chest DICOM carrying distinctive patient names, ids, birth and
-study dates, accession numbers and UIDs (plus one with its pixel data cut and one with its header cut)
-go with 120 real Kermany X-rays through ``vqmed manifest build`` -> ``pretrain`` -> ``export`` ->
-``benchmark``. Then every byte of every output (manifests, run directory, checkpoints, quarantine
+study dates, accession numbers and UIDs (plus one with its pixel data cut and one with its header cut),
+stored as a PACS export would (``PATIENT-NAME_MRN/ACCESSION_DATE/SOP-UID.dcm``: the identifiers are in the
+folder and file names too), and 8 real Kermany X-rays saved as PNG (identifiers in a text chunk) and JPEG
+(identifiers in the EXIF description and the JPEG comment) under folders and file names made of a
+patient's name, MRN, accession number and date, go with 120 real Kermany X-rays through ``vqmed manifest
+build`` -> ``pretrain`` -> ``export`` -> ``benchmark`` -> ``preview``. Then every byte of every output (manifests, run directory, checkpoints, quarantine
 reports, the MLflow sqlite store and its artifacts, the image cache, the export store and its Parquet
 index, the benchmark outputs, and each step's stdout/stderr) is scanned for every one of those values,
 in several spellings: none may appear.
@@ -66,7 +69,10 @@ def _write_dicoms(folder: Path, template: Path) -> list[dict]:
                 setattr(ds, key, ident[key])
             ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = ident["StudyDate"]
             ds.file_meta.MediaStorageSOPInstanceUID = ident["SOPInstanceUID"]
-            ds.save_as(folder / f"img{p:02d}{s}.dcm")  # the file name carries no identifier
+            # As PACS exports name them: patient folder, study folder, file named by SOP Instance UID.
+            where = folder / f"{ident['family']}^{ident['given']}_{ident['PatientID']}" / f"{ident['AccessionNumber']}_{ident['StudyDate']}"
+            where.mkdir(parents=True, exist_ok=True)
+            ds.save_as(where / f"{ident['SOPInstanceUID']}.dcm")
             identities.append(ident)
     # Two broken ones that still carry identifiers: pixel data cut (header readable), header cut.
     for name, (p, cut) in {"cut_pixels.dcm": (0, 0.6), "cut_header.dcm": (1, None)}.items():
@@ -83,6 +89,35 @@ def _write_dicoms(folder: Path, template: Path) -> list[dict]:
     return identities
 
 
+N_PLANTED = 8
+
+
+def _write_images(folder: Path, sources: list[Path]) -> list[dict]:
+    """Real X-rays as PNG (identifiers in a tEXt chunk) and JPEG (EXIF description and JPEG comment), under
+    ``NAME_MRN/ACCESSION_DATE.png``-style folder and file names."""
+    from PIL import Image, PngImagePlugin
+
+    identities = []
+    for k, src in enumerate(sources):
+        ident = _identity(k % N_PATIENTS, 5 + k // N_PATIENTS)
+        where = folder / f"{ident['given']} {ident['family']}_{ident['PatientID']}"
+        where.mkdir(parents=True, exist_ok=True)
+        words = f"{ident['PatientName']} {ident['PatientID']} {ident['AccessionNumber']} {ident['StudyDate']}"
+        with Image.open(src) as im:
+            im = im.convert("L")
+            if k % 2 == 0:
+                info = PngImagePlugin.PngInfo()
+                info.add_text("Comment", words)
+                im.save(where / f"{ident['AccessionNumber']}_{ident['StudyDate']}.png", pnginfo=info)
+            else:
+                exif = Image.Exif()
+                exif[0x010E] = words  # ImageDescription
+                im.save(where / f"{ident['AccessionNumber']}_{ident['_study'].strftime('%Y-%m-%d')}.jpg",
+                        exif=exif.tobytes(), comment=words.encode())
+        identities.append(ident)
+    return identities
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, data_root, kermany, make_config, run_cli):
     tmp = tmp_path_factory.mktemp("privacy")
@@ -93,6 +128,12 @@ def pipeline(tmp_path_factory, data_root, kermany, make_config, run_cli):
     for rel in picks["path"]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(data_root / rel, root / rel)
+    others = kermany[kermany["split"].eq("train") & ~kermany["path"].isin(picks["path"])].head(N_PLANTED)
+    planted = _write_images(root / "planted", [data_root / rel for rel in others["path"]])
+    identities += planted
+    # Control: the planted names and metadata are really in the inputs.
+    blob = b"".join(p.read_bytes() + str(p).encode() for p in (root / "planted").rglob("*") if p.is_file())
+    assert planted[0]["PatientID"].encode() in blob and planted[1]["AccessionNumber"].encode() in blob
     logs, steps = out / "logs", {}
     logs.mkdir()
 
@@ -103,7 +144,7 @@ def pipeline(tmp_path_factory, data_root, kermany, make_config, run_cli):
     manifest = read_manifest(built)
     # The DICOM archive has no split folders: give its patients splits and labels (by patient, so that
     # no patient is in both splits), as a curator would.
-    dicom = manifest["format"] == "dicom"
+    dicom = (manifest["format"] == "dicom") | manifest["path"].str.startswith("planted/")
     patients = sorted(manifest.loc[dicom, "patient_id"].unique())
     for k, patient in enumerate(patients):
         rows = dicom & (manifest["patient_id"] == patient)
@@ -115,10 +156,10 @@ def pipeline(tmp_path_factory, data_root, kermany, make_config, run_cli):
     config = make_config(out, [labeled], root, data={"splits": [], "max_images": None},
                          train={"epochs": 1, "max_steps": 8, "checkpoint_every": 4},
                          tracking={"experiment": "privacy", "tracking_uri": f"sqlite:///{out / 'mlflow.db'}"})
-    steps["pretrain"] = run_cli("pretrain", "--config", config, log=logs / "pretrain.log", cwd=out)
+    steps["pretrain"] = run_cli("pretrain", "--config", config, log=logs / "pretrain.log", cwd=out, timeout=900)
     assert steps["pretrain"].returncode == 0, steps["pretrain"].stderr[-3000:]
     steps["export"] = run_cli("export", "--model", out / "run", "--manifest", labeled, "--out", out / "store",
-                              "--data-root", root, "--batch-size", "32", log=logs / "export.log", cwd=out)
+                              "--data-root", root, "--batch-size", "32", log=logs / "export.log", cwd=out, timeout=900)
     assert steps["export"].returncode == 0, steps["export"].stderr[-3000:]
 
     bench = {
@@ -132,7 +173,12 @@ def pipeline(tmp_path_factory, data_root, kermany, make_config, run_cli):
         "tracking": {"experiment": "privacy-benchmark", "tracking_uri": f"sqlite:///{out / 'mlflow.db'}"},
     }
     (out / "bench.yaml").write_text(yaml.safe_dump(bench))
-    steps["benchmark"] = run_cli("benchmark", "--config", out / "bench.yaml", log=logs / "benchmark.log", cwd=out)
+    steps["benchmark"] = run_cli("benchmark", "--config", out / "bench.yaml", log=logs / "benchmark.log", cwd=out,
+                                 timeout=900)
+    previewed = sorted(p for p in root.rglob("*") if p.suffix in (".png", ".jpg", ".dcm") and "cut_" not in p.name)[:6]
+    previewed += sorted((root / "planted").rglob("*.*"))[:2]
+    steps["preview"] = run_cli("preview", *previewed, "--out", out / "preview", "--image-size", "32",
+                               log=logs / "preview.log", cwd=out)
     print({name: f"rc {r.returncode}, {r.seconds:.0f}s" for name, r in steps.items()})
     return {"root": root, "out": out, "identities": identities, "steps": steps, "manifest": manifest}
 
@@ -142,8 +188,11 @@ def test_pipeline_saw_the_dicoms(pipeline):
     out, manifest = pipeline["out"], pipeline["manifest"]
     assert (manifest["format"] == "dicom").sum() == N_PATIENTS * STUDIES_PER_PATIENT + 1  # + the cut pixels
     store = pd.read_parquet(out / "store" / "index.parquet")
-    assert (store["format"] == "dicom").sum() == N_PATIENTS * STUDIES_PER_PATIENT and len(store) == 160
-    assert pd.read_csv(out / "store" / "quarantine.csv")["path"].tolist() == ["archive/cut_pixels.dcm"]
+    assert (store["format"] == "dicom").sum() == N_PATIENTS * STUDIES_PER_PATIENT and len(store) == 160 + N_PLANTED
+    quarantined = pd.read_csv(out / "store" / "quarantine.csv")
+    assert list(quarantined.columns) == ["study_id", "reason"] and len(quarantined) == 1
+    assert "path" not in store.columns and store["study_id"].str.fullmatch(r"[0-9a-f]{16}").all()
+    assert manifest["study_id"].str.fullmatch(r"[0-9a-f]{16}").all()  # PNG/JPEG too: salted, not the path
     assert (out / "run" / "quarantine.csv").is_file()
     # The header cut short is left out of the manifest (pydicom reads what is there: no Rows, so the
     # scan counts it as a non-image file rather than quarantining it).
@@ -157,13 +206,20 @@ def test_no_identifier_in_any_output(pipeline):
     secrets = sorted(_secrets(identities))
     needles = [(s, s.encode()) for s in secrets] + [(s + " (UTF-16)", s.encode("utf-16-le")) for s in secrets]
     # Control: the scanner finds them in the inputs.
-    sample = (pipeline["root"] / "archive" / "img000.dcm").read_bytes()
+    sample = next((pipeline["root"] / "archive").rglob(f"{identities[0]['SOPInstanceUID']}.dcm")).read_bytes()
     assert identities[0]["PatientID"].encode() in sample and identities[0]["StudyInstanceUID"].encode() in sample
 
+    # Everything the tool wrote, file names included; the user's own manifests keep the paths by design
+    # (they are the inputs the user keeps), and each log's first line is this harness echoing the user's command.
     files = sorted(p for p in out.rglob("*") if p.is_file())
     found, scanned_bytes = [], 0
     for path in files:
         blob = path.read_bytes()
+        if path.name in ("manifest.csv", "manifest_labeled.csv") and path.parent == out:
+            blob = b""
+        elif path.suffix == ".log" and path.parent.name == "logs":
+            blob = blob.split(b"\n", 1)[1]
+        blob += str(path.relative_to(out)).encode()
         scanned_bytes += len(blob)
         lower = blob.lower()
         for label, needle in needles:
@@ -173,7 +229,8 @@ def test_no_identifier_in_any_output(pipeline):
     print(f"\nscanned {len(files)} output files ({scanned_bytes / 1e6:.1f} MB) for {len(secrets)} values x 2 encodings")
     # The scan covered every kind of output.
     for must in ("mlflow.db", "index.parquet", "quarantine.csv", "summary.json", "final.pt", "last.pt", "manifest.csv",
-                 "pretrain.log", "export.log", "manifest.log", "benchmark.log", "store.json"):
+                 "pretrain.log", "export.log", "manifest.log", "benchmark.log", "store.json", "preview.tsv", "preview.log",
+                 "000.png"):
         assert any(p.name == must for p in files), must
     assert {".npz", ".npy", ".parquet", ".png", ".json", ".pt"} <= kinds
     assert any("mlartifacts" in p.parts for p in files) and any(p.name.startswith("chunk-") for p in files)
@@ -185,3 +242,4 @@ def test_benchmark_step_ran_on_the_export(pipeline):
     result = pipeline["steps"]["benchmark"]
     assert result.returncode == 0, result.stderr[-3000:]
     assert (pipeline["out"] / "bench" / "summary.json").is_file()
+    assert pipeline["steps"]["preview"].returncode == 0, pipeline["steps"]["preview"].stderr[-3000:]

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from vqmed.data.cache import CacheStore, file_digest, from_uint8, to_uint8
 from vqmed.data.errors import UnreadableImageError
+from vqmed.data.privacy import resolve_salt, salted_id
 from vqmed.data.progress import progress_bar
 from vqmed.data.readers import DEFAULT_MAX_PIXELS, check_source, detect_format, safe_path
 from vqmed.data.transforms import ImageSpec, augment_transform, deterministic_transform, run_transform
@@ -25,27 +26,44 @@ class Quarantine:
 
     Args:
         entries: ``(path, reason)`` pairs; paths as written in the manifest (relative to the data root).
+        study_ids: path -> the manifest's study id of that file (salted when written).
     """
 
     entries: list[tuple[str, str]] = field(default_factory=list)
+    study_ids: dict[str, str] = field(default_factory=dict)
 
-    def add(self, path: str, reason: str) -> None:
+    def add(self, path: str, reason: str, study_id: str = "") -> None:
         """Record a bad file once (several frames of one corrupt file give one line)."""
         entry = (str(path), " ".join(str(reason).split()))
         if entry not in self.entries:
             self.entries.append(entry)
+        if study_id:
+            self.study_ids.setdefault(str(path), str(study_id))
+
+    def merge(self, other: Quarantine) -> None:
+        """Add every entry of ``other`` (with its study ids)."""
+        for path, reason in other.entries:
+            self.add(path, reason, other.study_ids.get(path, ""))
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def write(self, csv_path: Path) -> None:
-        """Write ``path,reason`` lines (with that header; CSV-quoted where needed)."""
+    def write(self, csv_path: Path, keep_paths: bool = False) -> None:
+        """Write ``study_id,reason`` lines (``path`` too with ``keep_paths``; CSV-quoted where needed).
+
+        ``study_id`` is the salted id the export's index gives the study (``salted_id("study", id)``), or a
+        salted id of the path for files outside a manifest: file and folder names may identify a patient.
+        """
+        salt = resolve_salt()
         csv_path = Path(csv_path)
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         with open(csv_path, "w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["path", "reason"])
-            writer.writerows(self.entries)
+            writer.writerow(["study_id", "reason"] + (["path"] if keep_paths else []))
+            for path, reason in self.entries:
+                study = self.study_ids.get(path)
+                sid = salted_id("study", study, salt) if study else salted_id("file", path, salt)
+                writer.writerow([sid, reason] + ([path] if keep_paths else []))
 
 
 class ImageDataset(Dataset):
@@ -100,6 +118,8 @@ class ImageDataset(Dataset):
         self._progress = progress
 
         paths = manifest["path"].astype(str).tolist()
+        studies = manifest["study_id"].astype(str).tolist() if "study_id" in manifest.columns else [""] * len(paths)
+        self._study_of = dict(zip(paths, studies))
         frames = _frames(manifest)
         # 1) Resolve and hash every row (the content key); bad paths are quarantined here.
         row_keys: list[str | None] = []
@@ -141,7 +161,7 @@ class ImageDataset(Dataset):
                 chunk_of.append(chunk)
                 slot_of.append(slot)
             elif key is not None:  # its decode failed (reason recorded per content key)
-                self.quarantine.add(paths[i], self._failed.get(key, "not decoded"))
+                self.quarantine.add(paths[i], self._failed.get(key, "not decoded"), studies[i])
         self.rows = np.asarray(kept, dtype=np.int64)
         self._chunk_of = np.asarray(chunk_of, dtype=np.int32)
         self._slot_of = np.asarray(slot_of, dtype=np.int64)
@@ -157,7 +177,7 @@ class ImageDataset(Dataset):
     def _reject(self, path: str, reason: str) -> None:
         if self.fail_fast:
             raise UnreadableImageError(path, reason)
-        self.quarantine.add(path, reason)
+        self.quarantine.add(path, reason, self._study_of.get(path, ""))
 
     def _locate(
         self, key_source: dict[str, tuple[Path, str, int | None]], cache_dir: Path | None

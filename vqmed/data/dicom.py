@@ -8,11 +8,16 @@ is dark and bone bright. MONAI's ``PydicomReader`` skips the last two steps, hen
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
@@ -25,7 +30,55 @@ PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # vqmed.data.readers, for PNG/JPEG too: a small file claiming a huge frame would otherwise cost seconds
 # and gigabytes to decode, while real 2D scans are far smaller (a mammogram: ~4,096 x 5,120 = 21 M).
 MAX_2D_PIXELS = 1 << 25
+# pydicom both warns and logs (its decoders log ERROR lines); with no handler configured Python's
+# last-resort handler would print them on stderr. What they say goes into the file's reason instead.
+logging.getLogger("pydicom").addHandler(logging.NullHandler())
 
+
+@contextmanager
+def _captured_warnings() -> Iterator[list[str]]:
+    """Collect the warnings pydicom raises while reading (one line each) instead of printing them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        messages: list[str] = []
+        try:
+            yield messages
+        finally:
+            messages.extend(" ".join(str(w.message).split()) for w in caught)
+
+
+def _not_dicom_reason(path: Path, exc: Exception) -> str:
+    """Why pydicom refused a file, in words a user can act on (not "use force=True")."""
+    if is_dicom_file(path):
+        return f"unreadable DICOM: {exc}"
+    try:
+        with Image.open(path) as im:
+            kind = im.format
+    except Exception:  # not an image either
+        kind = None
+    if kind:
+        return (f"not a DICOM file: it is a {kind} image with a DICOM file name; rename it to "
+                f".{'jpeg' if kind == 'JPEG' else kind.lower()} so that it is read as an image")
+    return "not a DICOM file: no 'DICM' marker at byte 128 and no DICOM file meta header (a different or damaged file)"
+
+
+def _truncated_reason(path: Path, facts: dict[str, Any], messages: list[str]) -> str | None:
+    """A reason naming the truncation when the pixel data is cut short, else ``None``."""
+    blob = Path(path).read_bytes()
+    at = blob.rfind(b"\xe0\x7f\x10\x00")  # (7FE0,0010) Pixel Data, little endian
+    eof = any("end of file" in m.lower() for m in messages)
+    if at < 0 and not eof:
+        return None
+    what = f"({facts['encoding']}, modality {facts['modality'] or '?'})"
+    if at >= 0 and blob[at + 4:at + 6] in (b"OB", b"OW"):
+        declared = int.from_bytes(blob[at + 8:at + 12], "little")
+        found = len(blob) - (at + 12)
+        if declared != 0xFFFFFFFF and found < declared:
+            return f"truncated DICOM: pixel data has {found:,} of the {declared:,} bytes it declares {what}"
+        if declared == 0xFFFFFFFF:
+            return (f"truncated DICOM: the file ends after {found:,} bytes of encapsulated pixel data, before "
+                    f"the end of its fragments {what}")
+    return f"truncated DICOM: the file ({len(blob):,} bytes) ends inside its data {what}"
 
 def is_dicom_file(path: Path) -> bool:
     """True when the file carries the DICOM Part 10 preamble (``DICM`` at byte 128)."""
@@ -40,8 +93,11 @@ def is_dicom_file(path: Path) -> bool:
 def read_header(path: Path) -> Dataset:
     """Read the header only (``stop_before_pixels=True``); raise :class:`UnreadableImageError`."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError, TypeError) as exc:
+        with _captured_warnings():
+            return pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError as exc:
+        raise UnreadableImageError(path, _not_dicom_reason(Path(path), exc)) from exc
+    except (OSError, ValueError, EOFError, AttributeError, KeyError, TypeError) as exc:
         raise UnreadableImageError(path, f"unreadable DICOM header: {exc}") from exc
 
 
@@ -122,12 +178,19 @@ def read_pixels(
     # One function on purpose (~80 lines): the display chain (header checks, decode, frame choice, modality LUT,
     # VOI LUT or window, MONOCHROME1 inversion) runs in this order and each step reads what the previous found.
     try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError, TypeError) as exc:
+        with _captured_warnings() as messages:
+            ds = pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        raise UnreadableImageError(path, _not_dicom_reason(Path(path), exc)) from exc
+    except (OSError, ValueError, EOFError, AttributeError, KeyError, TypeError) as exc:
         raise UnreadableImageError(path, f"unreadable DICOM: {exc}") from exc
     facts = header_facts(ds)
     if not any(tag in ds for tag in PIXEL_TAGS):
-        raise UnreadableImageError(path, f"DICOM has no pixel data (modality {facts['modality'] or '?'})")
+        # A file cut inside its pixel data reads as an empty dataset (pydicom only warns): say so.
+        header = read_header(path)
+        truncated = _truncated_reason(path, header_facts(header), messages) if is_image(header) else None
+        facts = header_facts(header)
+        raise UnreadableImageError(path, truncated or f"DICOM has no pixel data (modality {facts['modality'] or '?'})")
     rows, cols, frames = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), n_frames(ds)
     if rows <= 0 or cols <= 0:
         raise UnreadableImageError(path, "DICOM header declares no image size (Rows/Columns)")
@@ -159,10 +222,14 @@ def read_pixels(
         if not decoder.is_available:
             raise UnreadableImageError(path, f"unsupported encoding {facts['encoding']}: no decoder plugin installed")
     try:
-        # index=None decodes every frame; an int decodes only that frame (cheap for multi-frame files).
-        arr = pixel_array(ds, index=frame if frames > 1 else None)
+        with _captured_warnings() as decode_messages:
+            # index=None decodes every frame; an int decodes only that frame (cheap for multi-frame files).
+            arr = pixel_array(ds, index=frame if frames > 1 else None)
     except Exception as exc:  # decoders raise RuntimeError/ValueError/...; all mean "cannot decode"
-        raise UnreadableImageError(path, f"pixel data cannot be decoded ({facts['encoding']}): {exc}") from exc
+        said = "; ".join(dict.fromkeys(messages + decode_messages))
+        raise UnreadableImageError(
+            path, f"pixel data cannot be decoded ({facts['encoding']}): {exc}" + (f" (pydicom: {said})" if said else "")
+        ) from exc
 
     photometric = facts["photometric"]
     samples = facts["channels"]

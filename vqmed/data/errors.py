@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -24,5 +25,16 @@ class UnreadableImageError(Exception):
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = str(path)
         # One line only: reasons end up as CSV cells in quarantine files.
-        self.reason = " ".join(str(reason).split())
+        self.reason = _without_path(" ".join(str(reason).split()), self.path)
         super().__init__(f"{self.path}: {self.reason}")
+
+
+def _without_path(reason: str, path: str) -> str:
+    """``reason`` with the file's path and name replaced by ``<file>``: library messages (PIL's "cannot
+    identify image file '/x/Doe_John/1.png'") would carry folder and file names, which may identify a patient."""
+    if not path:
+        return reason
+    names = {path, os.path.abspath(path), os.path.realpath(path), os.path.basename(path)}
+    for name in sorted((n for n in names if len(n) >= 4), key=len, reverse=True):
+        reason = reason.replace(name, "<file>")
+    return reason

@@ -9,11 +9,13 @@ What a scan of ROOT produces, file by file:
 - PNG/JPEG/TIFF/BMP in class folders (``[SPLIT/]LABEL/FILE``): label = the parent folder, split =
   the folder above it when that is ``train``/``val``/``test`` (e.g. ``chest_xray/train/NORMAL``,
   ``cifar10/test/cat``; ``stl10/train`` is the class "train" because ``stl10`` is no split).
-  ``study_id`` = the path without its suffix. Kermany file names give the patient id
-  (:func:`kermany_patient_id`); otherwise every image is its own patient (``patient_id = study_id``).
+  ``study_id`` = a salted hash of the path without its suffix; Kermany file names give the patient
+  (:func:`kermany_patient_id`, salted too); otherwise every image is its own patient. File and folder
+  names often carry a patient's name or MRN, so only ``keep_paths=True`` (``--keep-paths``) keeps the
+  unsalted names as ids (the committed manifests of public data sets are built that way).
 - DICOM (any name, found by suffix or the ``DICM`` magic; headers only): one row per instance, or per
   frame of a multi-frame instance; ``study_id``, ``series_id`` and ``patient_id`` are salted hashes
-  (:mod:`vqmed.data.privacy`), never raw UIDs or patient ids. Split/label only under a split folder.
+  (:mod:`vqmed.data.privacy`), never raw UIDs or patient ids. Labels from class folders as for images.
 - DICOM series (``multiframe="volume"``, ``vqmed manifest build --volumes``): the single-frame instances of a
   folder sharing a Series Instance UID become one row, ``path`` = the folder, ``format`` = ``dicom_series``,
   ``frame`` = the series' place among the folder's series (sorted by UID), salted ids; a series that is not one
@@ -21,6 +23,10 @@ What a scan of ROOT produces, file by file:
 - NIfTI (``.nii``/``.nii.gz``, 2D or 3D), MetaImage (``.mha``/``.mhd``), NRRD: one row per file.
 - IDX (MNIST, ``*-images-idx3-ubyte[.gz]``): one row per image with ``frame`` = its index; labels from
   the sibling ``*-labels-idx1-ubyte[.gz]``; split from the name (``t10k``/``test`` -> test, ``train``).
+
+Class folders, every format: a file's folder is its label only when that folder sits directly under
+ROOT or directly under a split folder (``[SPLIT/]LABEL/FILE``). Deeper folders (``PATIENT/STUDY/FILE``,
+often named after the patient) are never labels: their rows stay unlabeled and the report warns.
 
 Junk (``.DS_Store``, ``Thumbs.db``, ``._*``, other hidden files) is skipped and counted; files whose
 header cannot be read are left out and listed in the scan report's ``quarantined``.
@@ -43,7 +49,7 @@ import pandas as pd
 from vqmed.atomic import atomic_write_text
 from vqmed.data import dicom, itk
 from vqmed.data.errors import DataRootError, ManifestError, UnreadableImageError
-from vqmed.data.privacy import resolve_salt
+from vqmed.data.privacy import resolve_salt, salted_id
 from vqmed.data.progress import progress_bar
 from vqmed.data.readers import check_file, detect_format, idx_header, idx_labels_path, read_header, read_idx, safe_path
 
@@ -119,6 +125,7 @@ def build_manifest(
     progress: bool = True,
     multiframe: str = "frames",
     labels_from_folders: bool | None = None,
+    keep_paths: bool = False,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Scan ROOT (a folder or one file inside the data root) and return ``(manifest, scan_report)``.
 
@@ -131,8 +138,10 @@ def build_manifest(
         progress: show a tqdm bar (off when ``CI`` is set).
         multiframe: ``frames`` = one row per frame of a multi-frame DICOM (2D training), ``volume`` =
             one row per instance (3D).
-        labels_from_folders: ``None`` = class folders give labels for images/NIfTI, and for DICOM
-            only under a split folder; ``True``/``False`` force it on/off for every file.
+        labels_from_folders: ``None`` = class folders (``[SPLIT/]LABEL/FILE`` under ROOT) give labels for
+            every format; ``True`` = the parent folder of every file; ``False`` = no labels.
+        keep_paths: image/IDX ids are the path (and Kermany patient) as text instead of salted hashes,
+            and the report lists file paths; off by default (names may identify patients).
 
     Returns:
         The manifest (``MANIFEST_COLUMNS``) and a JSON-able report: ``files_seen``, ``rows``,
@@ -150,7 +159,8 @@ def build_manifest(
         raise FileNotFoundError(f"nothing to scan: {root} does not exist")
     root_real = os.path.realpath(root)
     if os.path.commonpath([data_real, root_real]) != data_real:
-        raise ValueError(f"{root} is outside the data root {data_root}; manifests hold paths relative to it")
+        raise DataRootError(f"{root} is outside the data root {data_root}; pass --data-root with a folder that "
+                            "contains it (manifests hold paths relative to the data root)")
 
     files, junk, hidden_dirs = _walk(root_real)
     report: dict[str, Any] = {
@@ -160,7 +170,7 @@ def build_manifest(
         "quarantined_headers": 0, "quarantined": [],
     }
     root_dir = root_real if os.path.isdir(root_real) else os.path.dirname(root_real)
-    state = {"salt": salt, "salt_resolved": None}
+    state = {"salt": salt, "salt_resolved": None, "keep_paths": keep_paths}
     rows: list[dict[str, Any]] = []
     by_format: Counter = Counter()
     for path in progress_bar(files, total=len(files), desc=f"scan {report['root']}", enable=progress):
@@ -171,7 +181,7 @@ def build_manifest(
             if len(report["unknown_files"]) < 20:
                 report["unknown_files"].append(rel)
             continue
-        folder_split, folder_label = _folder_labels(path, root_dir, data_real)
+        folder_split, folder_label = _folder_labels(path, root_dir, data_real, labels_from_folders is True)
         try:
             new = _file_rows(Path(path), rel, fmt, data_real, state, multiframe, (folder_split, folder_label),
                              labels_from_folders)
@@ -193,6 +203,14 @@ def build_manifest(
     report["quarantined_headers"] = len(report["quarantined"])
     report["splits"] = {str(k): int(v) for k, v in df["split"].value_counts().sort_index().items()}
     report["labels"] = {str(k): int(v) for k, v in df["label"].value_counts().sort_index().items()}
+    unlabeled = int((df["label"] == "").sum())
+    if unlabeled:
+        report["warning"] = (f"{unlabeled} of {len(df)} rows have no label (labels come from [SPLIT/]LABEL/FILE "
+                             "folders right under the scanned folder; add them to the manifest's label column)")
+    if not keep_paths:  # the user's own manifest keeps the paths; the report (often a log) does not
+        report["quarantined"] = [reason for _, reason in report["quarantined"]]
+        for key in ("junk_files", "unknown_files"):
+            report[key] = f"{len(report[key])} (listed with --keep-paths)" if report[key] else []
     return df, report
 
 
@@ -211,12 +229,22 @@ def _file_rows(path: Path, rel: str, fmt: str, data_real: str, state: dict[str, 
     if fmt == "dicom":
         return _dicom_rows(path, rel, state, multiframe, folder_split, folder_label, labels_from_folders)
     if fmt == "idx":
-        return _idx_rows(path, rel, folder_split)
+        return _idx_rows(path, rel, folder_split, state)
     facts = read_header(path, fmt)
     use = labels_from_folders is not False
     study = _strip_suffix(rel)
     patient = kermany_patient_id(path.name) or study
+    study, patient = _name_id(state, "study", study), _name_id(state, "patient", patient)
     return [_row(study, rel, folder_split if use else "", folder_label if use else "", patient, "", facts["format"])]
+
+
+def _name_id(state: dict[str, Any], kind: str, name: str) -> str:
+    """An id made from a path or file name: salted unless ``keep_paths`` (names may identify a patient)."""
+    if state["keep_paths"]:
+        return name
+    if state["salt_resolved"] is None:
+        state["salt_resolved"] = resolve_salt(state["salt"])
+    return salted_id(kind, name, state["salt_resolved"])
 
 
 def _walk(root_real: str) -> tuple[list[str], list[str], int]:
@@ -246,8 +274,11 @@ def _strip_suffix(rel: str) -> str:
     return stem if ext and "/" not in ext else rel
 
 
-def _folder_labels(path: str, root_dir: str, data_real: str) -> tuple[str, str]:
-    """(split, label) from class folders: label = parent folder below ROOT, split = the folder above it."""
+def _folder_labels(path: str, root_dir: str, data_real: str, any_depth: bool = False) -> tuple[str, str]:
+    """(split, label) from class folders: label = parent folder below ROOT, split = the folder above it.
+
+    The parent is a label only when it sits directly under ROOT or under a split folder (unless
+    ``any_depth``): deeper folders of an archive are patients or studies, not classes."""
     parent = os.path.dirname(path)
     below_root = Path(os.path.relpath(parent, root_dir)).parts
     below_root = () if below_root == (".",) else below_root
@@ -256,6 +287,8 @@ def _folder_labels(path: str, root_dir: str, data_real: str) -> tuple[str, str]:
     label = below_root[-1]
     above = Path(os.path.relpath(parent, data_real)).parts
     split = SPLIT_NAMES.get(above[-2].lower(), "") if len(above) >= 2 else ""
+    if not any_depth and len(below_root) > 1 and not split:
+        return "", ""
     return split, label
 
 
@@ -275,7 +308,7 @@ def _dicom_rows(path: Path, rel: str, state: dict, multiframe: str, split: str, 
     ids = dicom.header_ids(ds, state["salt_resolved"])
     if not ids["study_id"]:
         raise UnreadableImageError(rel, "DICOM header lacks StudyInstanceUID")
-    if labels_from_folders is False or (labels_from_folders is None and not split):
+    if labels_from_folders is False:
         split, label = "", ""
     modality = str(ds.get("Modality", "") or "")
     frames = dicom.n_frames(ds)
@@ -319,10 +352,11 @@ def _series_rows(rows: list[dict[str, Any]], data_real: str, state: dict, report
     return [r for r in rows if r["path"] not in replaced] + series_rows
 
 
-def _idx_rows(path: Path, rel: str, folder_split: str) -> list[dict[str, Any]]:
+def _idx_rows(path: Path, rel: str, folder_split: str, state: dict[str, Any]) -> list[dict[str, Any]]:
     _, shape = idx_header(path)
     if len(shape) == 1:
         return []  # a labels file (read with its images file)
+    # (IDX ids: the file path plus the image index, salted unless keep_paths)
     if len(shape) != 3:
         raise UnreadableImageError(rel, f"IDX file holds {len(shape)}-D data, expected N x H x W images")
     labels = [""] * shape[0]
@@ -335,8 +369,8 @@ def _idx_rows(path: Path, rel: str, folder_split: str) -> list[dict[str, Any]]:
     lower = path.name.lower()
     split = "test" if lower.startswith(("t10k", "test")) else "train" if lower.startswith("train") else folder_split
     stem = _strip_suffix(rel)
-    return [_row(f"{stem}/{i:05d}", rel, split, labels[i], f"{stem}/{i:05d}", "", "idx", frame=i)
-            for i in range(shape[0])]
+    ids = [_name_id(state, "study", f"{stem}/{i:05d}") for i in range(shape[0])]
+    return [_row(ids[i], rel, split, labels[i], ids[i], "", "idx", frame=i) for i in range(shape[0])]
 
 
 def _normalise(df: pd.DataFrame) -> pd.DataFrame:
@@ -437,12 +471,13 @@ class CheckReport:
         n_rows: rows checked.
         n_files: distinct files.
         missing: ``(row, path)`` for files that do not exist.
-        unreadable: ``(row, path, reason)`` for files whose header cannot be read, frames out of
-            range, or paths escaping the data root.
+        unreadable: ``(row, path, reason)`` for every row the loaders would quarantine (decoded), or whose
+            header cannot be read (``--headers-only``), frames out of range, paths escaping the data root.
         duplicate_study_ids: study ids listed twice for the same image (same series, instance and
             frame), or spread over several patients or splits.
         split_leaks: patient id -> the splits it appears in, for patients in more than one
             (non-empty) split.
+        decoded: whether every file was decoded (else headers only).
     """
 
     n_rows: int = 0
@@ -451,40 +486,86 @@ class CheckReport:
     unreadable: list[tuple[int, str, str]] = field(default_factory=list)
     duplicate_study_ids: list[str] = field(default_factory=list)
     split_leaks: dict[str, list[str]] = field(default_factory=dict)
+    decoded: bool = False
 
     @property
     def ok(self) -> bool:
         """No missing or unreadable file, no duplicate study, no patient in two splits."""
         return not (self.missing or self.unreadable or self.duplicate_study_ids or self.split_leaks)
 
-    def summary(self) -> str:
-        """A few human-readable lines, ending in OK or FAILED."""
-        lines = [f"{self.n_rows} rows, {self.n_files} files"]
+    def summary(self, keep_paths: bool = False) -> str:
+        """Human-readable lines, ending in OK or FAILED. Every file that would be quarantined is listed,
+        by manifest line (CSV line, header = 1) and, with ``keep_paths``, by path."""
+        lines = [f"{self.n_rows} rows, {self.n_files} files ({'decoded' if self.decoded else 'headers only'})"]
 
-        def part(title: str, items: list, fmt) -> None:
+        def where(row: int, path: str) -> str:
+            return f"line {row + 2}: {path}" if keep_paths else f"line {row + 2}"
+
+        def part(title: str, items: list, fmt, limit: int | None = 5) -> None:
             lines.append(f"{title}: {len(items)}")
-            lines.extend(f"  {fmt(x)}" for x in items[:5])
-            if len(items) > 5:
-                lines.append(f"  ... and {len(items) - 5} more")
+            shown = items if limit is None else items[:limit]
+            lines.extend(f"  {fmt(x)}" for x in shown)
+            if len(items) > len(shown):
+                lines.append(f"  ... and {len(items) - len(shown)} more")
 
-        part("missing files", self.missing, lambda x: f"row {x[0]}: {x[1]}")
-        part("unreadable files", self.unreadable, lambda x: f"row {x[0]}: {x[1]}: {x[2]}")
+        part("missing files", self.missing, lambda x: where(*x))
+        part("files that would be quarantined" if self.decoded else "unreadable headers", self.unreadable,
+             lambda x: f"{where(x[0], x[1])}: {x[2]}", limit=None)
         part("duplicate study ids", self.duplicate_study_ids, str)
         part("patients in more than one split", sorted(self.split_leaks.items()), lambda x: f"{x[0]}: {', '.join(x[1])}")
         lines.append("OK" if self.ok else "FAILED")
         return "\n".join(lines)
 
 
-def check_manifest(df: pd.DataFrame, data_root: Path, progress: bool = True) -> CheckReport:
-    """Check a manifest against the files: existence, readable headers, duplicates, split leaks.
+def duplicate_study_ids(df: pd.DataFrame) -> list[str]:
+    """Study ids listed twice for the same image (same series, instance and frame), or spread over
+    several patients or splits, sorted."""
+    df = _normalise(df)
+    image_key = ["study_id", "series_id", "instance", "frame"]
+    keyed = df[image_key].astype(str)
+    dup = set(df.loc[keyed.duplicated(keep=False).to_numpy(), "study_id"])
+    per_study = df.groupby("study_id", sort=True).agg(patients=("patient_id", "nunique"), splits=("split", "nunique"))
+    dup |= set(per_study.index[(per_study["patients"] > 1) | (per_study["splits"] > 1)])
+    return sorted(dup)
 
-    Headers only are read (fast); decoding problems show up in :class:`ImageDataset`'s quarantine.
+
+def _decode_reason(job: tuple[str, int | None, Any]) -> str | None:
+    """Decode one file as the loaders do; the quarantine reason, or ``None`` when it loads (worker process)."""
+    from vqmed.data.transforms import load_image
+
+    path, frame, spec = job
+    try:
+        load_image(Path(path), spec, frame)
+    except UnreadableImageError as exc:
+        return exc.reason
+    return None
+
+
+def _single_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already
+
+
+def check_manifest(df: pd.DataFrame, data_root: Path, progress: bool = True, decode: Any = None,
+                   workers: int | None = None) -> CheckReport:
+    """Check a manifest against the files: existence, readable files, duplicates, split leaks.
+
+    Args:
+        df: the manifest.
+        data_root: folder the manifest paths are relative to.
+        progress: show a progress bar (off when ``CI`` is set).
+        decode: an :class:`~vqmed.data.ImageSpec`: decode every file with the loaders' own chain in
+            ``workers`` processes, so that ``unreadable`` lists exactly what a run would quarantine,
+            with the same reasons; ``None``: headers only (fast; decoding problems show up later).
+        workers: decoding processes (``None``: the CPU count).
     """
     df = _normalise(df)
-    report = CheckReport(n_rows=len(df), n_files=int(df["path"].nunique()))
+    report = CheckReport(n_rows=len(df), n_files=int(df["path"].nunique()), decoded=decode is not None)
     header_cache: dict[str, dict | str] = {}
     for pos, (rel, frame) in progress_bar(
-        enumerate(zip(df["path"].tolist(), df["frame"].tolist())), total=len(df), desc="check files", enable=progress
+        enumerate(zip(df["path"].tolist(), df["frame"].tolist())), total=len(df), desc="check files",
+        enable=progress and decode is None,
     ):
         if rel not in header_cache:
             try:
@@ -492,7 +573,7 @@ def check_manifest(df: pd.DataFrame, data_root: Path, progress: bool = True) -> 
                 if not path.exists() and not path.is_symlink():
                     header_cache[rel] = "missing"
                 else:
-                    header_cache[rel] = read_header(path)
+                    header_cache[rel] = read_header(path) if decode is None else {}
             except UnreadableImageError as exc:
                 header_cache[rel] = exc.reason
         facts = header_cache[rel]
@@ -500,15 +581,13 @@ def check_manifest(df: pd.DataFrame, data_root: Path, progress: bool = True) -> 
             report.missing.append((pos, rel))
         elif isinstance(facts, str):
             report.unreadable.append((pos, rel, facts))
-        elif not pd.isna(frame) and int(frame) >= int(facts.get("frames", 1) or 1):
+        elif decode is None and not pd.isna(frame) and int(frame) >= int(facts.get("frames", 1) or 1):
             report.unreadable.append((pos, rel, f"frame {int(frame)} out of range (file has {facts.get('frames')})"))
+    if decode is not None:
+        report.unreadable += _decode_all(df, data_root, header_cache, decode, workers, progress)
+        report.unreadable.sort()
 
-    image_key = ["study_id", "series_id", "instance", "frame"]
-    keyed = df[image_key].astype(str)
-    dup = set(df.loc[keyed.duplicated(keep=False).to_numpy(), "study_id"])
-    per_study = df.groupby("study_id", sort=True).agg(patients=("patient_id", "nunique"), splits=("split", "nunique"))
-    dup |= set(per_study.index[(per_study["patients"] > 1) | (per_study["splits"] > 1)])
-    report.duplicate_study_ids = sorted(dup)
+    report.duplicate_study_ids = duplicate_study_ids(df)
 
     splits_of: dict[str, set[str]] = defaultdict(set)
     for patient, split in zip(df["patient_id"].tolist(), df["split"].tolist()):
@@ -516,3 +595,31 @@ def check_manifest(df: pd.DataFrame, data_root: Path, progress: bool = True) -> 
             splits_of[patient].add(split)
     report.split_leaks = {p: sorted(s) for p, s in sorted(splits_of.items()) if len(s) > 1}
     return report
+
+
+def _decode_all(df: pd.DataFrame, data_root: Path, header_cache: dict, spec: Any, workers: int | None,
+                progress: bool) -> list[tuple[int, str, str]]:
+    """Decode every (file, frame) whose file exists, in parallel; ``(row, path, reason)`` for the failures."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs: dict[tuple[str, int | None], list[int]] = defaultdict(list)
+    for pos, (rel, frame) in enumerate(zip(df["path"].tolist(), df["frame"].tolist())):
+        if isinstance(header_cache.get(rel), dict):
+            jobs[(rel, None if pd.isna(frame) else int(frame))].append(pos)
+    items = list(jobs)
+    args = [(str(Path(data_root) / rel), frame, spec) for rel, frame in items]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(items) or 1))
+    if workers == 1:
+        reasons = map(_decode_reason, args)
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_single_thread)
+        reasons = pool.map(_decode_reason, args, chunksize=max(1, min(32, len(args) // (4 * workers) or 1)))
+    out = []
+    try:
+        for (rel, _), reason in progress_bar(zip(items, reasons), total=len(items), desc="decode files", enable=progress):
+            if reason is not None:
+                out.extend((pos, rel, reason) for pos in jobs[(rel, _)])
+    finally:
+        if workers > 1:
+            pool.shutdown(cancel_futures=True)
+    return out

@@ -33,10 +33,12 @@ def to_png_array(img: np.ndarray) -> np.ndarray:
 
 
 def preview_files(
-    files: list[Path], out_dir: Path, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS
+    files: list[Path], out_dir: Path, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, keep_paths: bool = False
 ) -> list[dict[str, Any]]:
-    """Write ``out_dir/NNN_<name>.png`` per file (the model's view, no augmentation) and
-    ``out_dir/preview.tsv`` with one line of non-identifying header facts per file.
+    """Write ``out_dir/NNN.png`` per file (the model's view, no augmentation; ``NNN`` = the file's position
+    in ``files``) and ``out_dir/preview.tsv`` with one line of non-identifying header facts per file.
+    File and folder names may identify a patient: they appear (``file`` column, ``NNN_<name>.png``) only
+    with ``keep_paths``.
 
     Bad files do not stop the run: they get ``status = quarantined`` and a ``reason`` in the TSV, and
     a line in ``out_dir/quarantine.csv``.
@@ -46,6 +48,7 @@ def preview_files(
         out_dir: output folder (created).
         spec: size / dimensionality / channels of the model input.
         max_pixels: refuse files whose header declares more pixels than this.
+        keep_paths: name files by path in the TSV and PNG names (off: by position).
 
     Returns:
         One dict per file with the :data:`PREVIEW_COLUMNS` keys.
@@ -58,7 +61,7 @@ def preview_files(
     for i, file in enumerate(files):
         file = Path(file)
         record = {key: "" for key in PREVIEW_COLUMNS}
-        record["file"] = str(file)
+        record["file"] = str(file) if keep_paths else f"{i:03d}"
         try:
             img, facts = run_transform(transform, file)
         except UnreadableImageError as exc:
@@ -66,7 +69,7 @@ def preview_files(
             quarantine.add(str(file), exc.reason)
         else:
             safe = re.sub(r"[^A-Za-z0-9._-]+", "_", file.name)[:80]
-            png = out_dir / f"{i:03d}_{safe}.png"
+            png = out_dir / (f"{i:03d}_{safe}.png" if keep_paths else f"{i:03d}.png")
             Image.fromarray(to_png_array(img)).save(png)
             record.update({k: facts[k] for k in PREVIEW_COLUMNS if k in facts})
             record.update(status="ok", png=png.name)
@@ -76,5 +79,5 @@ def preview_files(
         writer.writeheader()
         writer.writerows(records)
     if len(quarantine):
-        quarantine.write(out_dir / "quarantine.csv")
+        quarantine.write(out_dir / "quarantine.csv", keep_paths=keep_paths)
     return records

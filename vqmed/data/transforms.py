@@ -3,10 +3,15 @@
 Deterministic chain (cached by :class:`vqmed.data.ImageDataset`)::
 
     LoadMedicalImaged  file -> float32 [C,H,W(,D)] via PIL / pydicom / nibabel / IDX (display orientation)
+    CheckDegenerated   quarantine what cannot be a model input (see DEGENERATE_RULE)
     ToChannelsd        RGB -> grey (luminance; identical channels stay exact) or grey -> RGB
-    ToGridd            to spec.image_size (2D square, 3D cube), area interpolation (anti-aliased downsampling);
+    ToGridd            to spec.image_size, area interpolation (anti-aliased downsampling); spec.resize:
+                       squeeze = every side to image_size (aspect ratio lost; the default, as trained so far),
+                       pad = longest side to image_size (aspect kept), crop = shortest side to image_size;
                        3D with spec.spacing: resampled to that voxel size, centre-cropped/padded to the cube
-    ScaleIntensityd    per-image min-max to [0, 1]
+    ScaleIntensityd    spec.intensity: minmax = per-image min-max to [0, 1] (the default), or
+                       ScaleIntensityRangePercentilesd: 0.5-99.5th percentile window to [0, 1], clipped
+    ResizeWithPadOrCropd  pad (black) / centre-crop to the square or cube (pad and crop modes)
     EnsureTyped        plain float32 numpy, no MONAI metadata
 
 Augmentation chains (pretraining only, applied on top of the cached image, then clamped to [0, 1]):
@@ -39,17 +44,29 @@ from monai.transforms import (
     RandShiftIntensityd,
     Resize,
     ResizeWithPadOrCrop,
+    ResizeWithPadOrCropd,
     ScaleIntensityd,
+    ScaleIntensityRangePercentilesd,
     Spacing,
 )
 from monai.data import MetaTensor
 
+from vqmed.config import INTENSITY_MODES, RESIZE_MODES
 from vqmed.data.errors import UnreadableImageError
 from vqmed.data.orientation import resized_affine
 from vqmed.data.readers import DEFAULT_MAX_PIXELS, read_pixels
 
 # Bump whenever the deterministic chain changes what it produces: it is part of every cache key.
-TRANSFORM_VERSION = 1
+# 2: degenerate images are quarantined (a cached constant image must not survive the rule).
+TRANSFORM_VERSION = 2
+
+# The documented rule for degenerate inputs (README "Images"): quarantined with this reason, never
+# silently turned into an all-black input.
+MIN_SIDE = 8  # below the smallest downsampling factor of the project's encoders (4-16)
+MAX_ASPECT = 20.0  # longer side over shorter side; real films and slices stay far below (1024x256 NM: 4)
+PERCENTILES = (0.5, 99.5)
+DEGENERATE_RULE = (f"an image is quarantined when a side is under {MIN_SIDE} pixels, its sides differ more than "
+                   f"{MAX_ASPECT:g}-fold, or every pixel has the same value")
 
 # ITU-R BT.601 luma, as PIL's convert("L"); weights sum to 1, so identical channels give that channel.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -67,18 +84,26 @@ class ImageSpec:
             to it (MONAI ``Spacing``) and centre-cropped or padded to the cube, so every scanner's volume reaches
             the model on one grid (a field of view of ``image_size x spacing`` mm); ``None`` resizes each volume
             to the cube.
+        resize: ``squeeze``, ``pad`` or ``crop`` (see the module docstring).
+        intensity: ``minmax`` or ``percentile`` (see the module docstring).
     """
 
     image_size: int
     spatial_dims: int = 2
     channels: int = 1
     spacing: tuple[float, float, float] | None = None
+    resize: str = "squeeze"
+    intensity: str = "minmax"
 
     def __post_init__(self) -> None:
         if self.spacing is not None:
             if self.spatial_dims != 3 or len(self.spacing) != 3 or min(self.spacing) <= 0:
                 raise ValueError(f"ImageSpec.spacing must be 3 positive mm values of a 3D spec, got {self.spacing}")
             object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"ImageSpec.resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"ImageSpec.intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
         if int(self.image_size) < 1:
             raise ValueError(f"ImageSpec.image_size must be >= 1, got {self.image_size}")
         if self.spatial_dims not in (2, 3):
@@ -170,12 +195,35 @@ class ToChannelsd(MapTransform):
         return d
 
 
-class ToGridd(MapTransform):
-    """Bring a volume onto the model's grid and record that grid's world affine in ``facts["grid_affine"]``.
+class CheckDegenerated(MapTransform):
+    """Refuse degenerate inputs (:data:`DEGENERATE_RULE`) with an :class:`UnreadableImageError` naming why.
 
-    With ``spec.spacing``: MONAI ``Spacing`` to that voxel size (bilinear), then ``ResizeWithPadOrCrop`` to the
-    cube (centred); MONAI tracks the affine through both. Without: an area resize to the cube, as for 2D.
-    Volumes whose reader gave no affine (e.g. a multi-frame DICOM) are resized and get no grid affine.
+    Args:
+        keys: keys holding channel-first arrays ``[C,H,W(,D)]``; the in-plane sides are ``H`` and ``W``.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = np.asarray(d[key])
+            h, w = img.shape[1:3]
+            if min(h, w) < MIN_SIDE:
+                raise UnreadableImageError(d.get("_path", ""), f"degenerate image: {h}x{w} pixels, a side is under {MIN_SIDE}")
+            if max(h, w) > MAX_ASPECT * min(h, w):
+                raise UnreadableImageError(d.get("_path", ""), f"degenerate image: {h}x{w} pixels, sides differ more than {MAX_ASPECT:g}-fold")
+            if img.size and float(img.max()) == float(img.min()):
+                raise UnreadableImageError(d.get("_path", ""), f"degenerate image: every pixel is {float(img.min()):g} (constant, no content)")
+        return d
+
+
+class ToGridd(MapTransform):
+    """Bring an image onto the model's grid and record that grid's world affine in ``facts["grid_affine"]``.
+
+    3D with ``spec.spacing``: MONAI ``Spacing`` to that voxel size (bilinear), then ``ResizeWithPadOrCrop`` to the
+    cube (centred); MONAI tracks the affine through both. Otherwise an area resize by ``spec.resize``: ``squeeze``
+    (every side to ``image_size``), ``pad`` (longest side) or ``crop`` (shortest side); the pad/crop to the square or
+    cube comes after intensity scaling (:func:`deterministic_transform`). Volumes whose reader gave no affine (e.g. a
+    multi-frame DICOM), and pad/crop volumes (their final grid is shifted later), get no grid affine.
 
     Args:
         keys: image key(s).
@@ -187,12 +235,14 @@ class ToGridd(MapTransform):
         super().__init__(keys)
         self.spec = spec
         self.facts_key = facts_key
-        cube = (spec.image_size,) * spec.spatial_dims
-        # "area" = adaptive average pooling: anti-aliased downsizing of 2000-px radiographs, cheap, exact for
-        # integer factors.
-        self.resize = Resize(spatial_size=cube, mode="area")
         self.spacing = Spacing(pixdim=spec.spacing, mode="bilinear") if spec.spacing else None
-        self.crop = ResizeWithPadOrCrop(spatial_size=cube)
+        self.crop = ResizeWithPadOrCrop(spatial_size=(spec.image_size,) * spec.spatial_dims)
+
+    def _target(self, sides: tuple[int, ...]) -> tuple[int, ...]:
+        if self.spec.resize == "squeeze":
+            return (self.spec.image_size,) * len(sides)
+        ref = max(sides) if self.spec.resize == "pad" else min(sides)
+        return tuple(max(1, round(s * self.spec.image_size / ref)) for s in sides)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -208,23 +258,32 @@ class ToGridd(MapTransform):
             if self.spacing is not None:
                 raise UnreadableImageError("?", "no world geometry to resample to data.spacing (not a NIfTI, "
                                                 "MetaImage, NRRD or DICOM series volume)")
-            if affine is not None:
-                facts["grid_affine"] = resized_affine(np.asarray(affine), img.shape[1:], self.resize.spatial_size).tolist()
-            d[key] = np.asarray(self.resize(img), dtype=np.float32)
+            target = self._target(img.shape[1:])
+            if affine is not None and self.spec.resize == "squeeze":
+                facts["grid_affine"] = resized_affine(np.asarray(affine), img.shape[1:], target).tolist()
+            # "area" = adaptive average pooling: anti-aliased downsizing of 2000-px radiographs, cheap, exact for
+            # integer factors.
+            d[key] = np.asarray(Resize(spatial_size=target, mode="area")(img), dtype=np.float32)
         return d
 
 
 def deterministic_transform(spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Compose:
-    """The cached part: load, fix channels, resize (3D: or resample), scale to [0, 1] (see module docstring)."""
-    return Compose(
-        [
-            LoadMedicalImaged("image", spatial_dims=spec.spatial_dims, max_pixels=max_pixels),
-            ToChannelsd("image", channels=spec.channels),
-            ToGridd("image", spec),
-            ScaleIntensityd("image", minv=0.0, maxv=1.0),
-            EnsureTyped("image", data_type="numpy", dtype=np.float32, track_meta=False),
-        ]
-    )
+    """The cached part: load, refuse degenerate images, fix channels, resize (3D: or resample), scale to [0, 1]
+    (see the module docstring)."""
+    lo, hi = PERCENTILES
+    scale = (ScaleIntensityd("image", minv=0.0, maxv=1.0) if spec.intensity == "minmax" else
+             ScaleIntensityRangePercentilesd("image", lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True))
+    chain = [
+        LoadMedicalImaged("image", spatial_dims=spec.spatial_dims, max_pixels=max_pixels),
+        CheckDegenerated("image"),
+        ToChannelsd("image", channels=spec.channels),
+        ToGridd("image", spec),
+        scale,
+    ]
+    if spec.resize != "squeeze" and not spec.spacing:  # after scaling: the bars are black, no percentile counts them
+        chain.append(ResizeWithPadOrCropd("image", spatial_size=(spec.image_size,) * spec.spatial_dims))
+    chain.append(EnsureTyped("image", data_type="numpy", dtype=np.float32, track_meta=False))
+    return Compose(chain)
 
 
 AUGMENTATIONS = ("mild", "views")

@@ -77,6 +77,8 @@ def load_inputs(cfg: BenchmarkConfig) -> tuple[Any, pd.DataFrame, dict[str, Feat
     spec = _store_spec(store.meta, cfg)
     b = cfg.baselines
     pixels = None
+    if b.raw_pixels or b.pca or b.cnn_scratch or b.random_encoder:
+        index = with_paths(index, store.meta)
     if b.raw_pixels or b.pca or b.cnn_scratch:
         images = load_images(index, cfg.data_root, {**spec, "image_size": cfg.image_size}, cfg.cache_dir)
         # grey images as (N, *spatial), the pixel baselines' layout; colour keeps its channel axis
@@ -91,7 +93,36 @@ def load_inputs(cfg: BenchmarkConfig) -> tuple[Any, pd.DataFrame, dict[str, Feat
     return store, index, sources, pixels
 
 
-def _store_spec(meta: dict[str, Any], cfg: BenchmarkConfig) -> dict[str, int]:
+def with_paths(index: pd.DataFrame, meta: dict[str, Any]) -> pd.DataFrame:
+    """``index`` with each row's ``path`` (and ``frame``) looked up in the export's manifest by the row key.
+
+    Stores hold no paths unless exported with ``keep_paths`` (names may identify patients); the manifest
+    the export read (``store.json`` ``manifest``) does, and its salted row keys are the index's ``key``.
+    """
+    if "path" in index.columns:
+        return index
+    from vqmed.data import read_manifest
+    from vqmed.data.privacy import resolve_salt
+    from vqmed.export.writer import row_keys
+
+    source = meta.get("manifest")
+    if not source or not Path(source).is_file():
+        raise ConfigError(f"the export holds no image paths and its manifest ({source}) is not there; the pixel "
+                          "baselines need it (or export with --keep-paths)")
+    manifest = read_manifest(Path(source))
+    by_key = dict(zip(row_keys(manifest, resolve_salt()), range(len(manifest))))
+    rows = [by_key.get(k) for k in index["key"]]
+    if any(r is None for r in rows):
+        raise ConfigError(f"{sum(r is None for r in rows)} exported rows are not in the export's manifest {source} "
+                          "(was it edited since?)")
+    out = index.copy()
+    out["path"] = manifest["path"].iloc[rows].to_numpy()
+    if "frame" not in out.columns:
+        out["frame"] = manifest["frame"].iloc[rows].to_numpy()
+    return out
+
+
+def _store_spec(meta: dict[str, Any], cfg: BenchmarkConfig) -> dict[str, Any]:
     """The model's input geometry from ``store.json`` (older stores: the model config, then 2D grey)."""
     spec = dict(meta.get("image_spec") or {})
     model_cfg = meta.get("model_config") or {}
@@ -99,6 +130,8 @@ def _store_spec(meta: dict[str, Any], cfg: BenchmarkConfig) -> dict[str, int]:
         "image_size": int(spec.get("image_size", cfg.image_size)),
         "spatial_dims": int(spec.get("spatial_dims", model_cfg.get("spatial_dims", 2))),
         "channels": int(spec.get("channels", model_cfg.get("in_channels", 1))),
+        "resize": str(spec.get("resize", "squeeze")),
+        "intensity": str(spec.get("intensity", "minmax")),
     }
 
 
@@ -119,13 +152,14 @@ def load_images(index: pd.DataFrame, data_root: str | None, spec: dict[str, int]
     from vqmed.data import ImageDataset, ImageSpec, resolve_data_root
 
     image_spec = ImageSpec(image_size=spec["image_size"], spatial_dims=spec["spatial_dims"], channels=spec["channels"],
-                           spacing=tuple(spec["spacing"]) if spec.get("spacing") else None)
+                           spacing=tuple(spec["spacing"]) if spec.get("spacing") else None,
+                           resize=spec.get("resize", "squeeze"), intensity=spec.get("intensity", "minmax"))
     ds = ImageDataset(index, resolve_data_root(data_root), image_spec, cache_dir=Path(cache_dir) if cache_dir else None)
     rows = np.asarray(ds.rows)
     if len(rows) != len(index):
         missing = sorted(set(range(len(index))) - set(rows.tolist()))
-        paths = index["path"].iloc[missing[:5]].tolist()
-        raise ValueError(f"{len(missing)} exported images could not be read for the pixel baselines, e.g. {paths}")
+        ids = index["study_id"].iloc[missing[:5]].tolist() if "study_id" in index.columns else missing[:5]
+        raise ValueError(f"{len(missing)} exported images could not be read for the pixel baselines, e.g. studies {ids}")
     out = np.empty((len(index), *image_spec.shape), dtype=np.float32)
     for i in range(len(ds)):
         item = ds[i]

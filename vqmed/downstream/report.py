@@ -362,8 +362,9 @@ class Tracker:
 @contextmanager
 def mlflow_parent(cfg: BenchmarkConfig, meta: dict[str, Any], out_dir: Path) -> Iterator[Tracker]:
     """The benchmark's parent MLflow run, tagged with its provenance (pretraining run, export, ...)."""
-    from vqmed.tracking import log_params, set_tags, setup_mlflow, start_run
+    from vqmed.tracking import backlog_size, flush_backlog, log_params, set_backlog_dir, set_tags, setup_mlflow, start_run
 
+    set_backlog_dir(out_dir / "tracking_backlog")  # what a server that dies mid-run cannot take (sent when it is back)
     setup_mlflow(cfg.tracking.tracking_uri, cfg.tracking.experiment)
     with start_run(run_name=cfg.name) as run:
         tags = {"vqmed.stage": "benchmark", "vqmed.out_dir": str(out_dir.resolve()), "vqmed.evaluated_on": cfg.evaluate_on}
@@ -378,3 +379,9 @@ def mlflow_parent(cfg: BenchmarkConfig, meta: dict[str, Any], out_dir: Path) -> 
         set_tags(tags)
         log_params(to_dict(cfg))
         yield Tracker(run.info.run_id)
+    flush_backlog()
+    if backlog_size():
+        import sys
+
+        print(f"vqmed: warning: {backlog_size()} tracking entries could not be sent to the MLflow server; they are "
+              f"kept in {out_dir / 'tracking_backlog'}", file=sys.stderr, flush=True)

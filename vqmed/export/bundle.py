@@ -29,6 +29,7 @@ from torch import nn
 from vqmed.atomic import atomic_write, atomic_write_text
 from vqmed.data import ImageSpec
 from vqmed.data.readers import detect_format
+from vqmed.data.transforms import PERCENTILES
 from vqmed.networks import build_model
 
 __all__ = ["FrozenEncoder", "SaveCodesd", "bundle_datalist", "bundle_metadata", "inference_config", "write_bundle"]
@@ -194,6 +195,30 @@ def preprocessing_in_words(spec: ImageSpec) -> str:
     )
 
 
+def _deterministic_chain(spec: ImageSpec) -> list[dict[str, Any]]:
+    """vqmed.data.transforms.deterministic_transform as MONAI bundle config items (same transforms, order, args)."""
+    lo, hi = PERCENTILES
+    scale = ({"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0} if spec.intensity == "minmax"
+             else {"_target_": "ScaleIntensityRangePercentilesd", "keys": "image", "lower": lo, "upper": hi,
+                   "b_min": 0.0, "b_max": 1.0, "clip": True})
+    chain = [
+        {"_target_": "vqmed.data.transforms.LoadMedicalImaged", "keys": "image", "spatial_dims": spec.spatial_dims},
+        {"_target_": "vqmed.data.transforms.CheckDegenerated", "keys": "image"},
+        {"_target_": "vqmed.data.transforms.ToChannelsd", "keys": "image", "channels": spec.channels},
+        {"_target_": "vqmed.data.transforms.ToGridd", "keys": "image",
+         "spec": {"_target_": "vqmed.data.ImageSpec", "image_size": spec.image_size, "spatial_dims": spec.spatial_dims,
+                  "channels": spec.channels, "spacing": list(spec.spacing) if spec.spacing else None,
+                  "resize": spec.resize, "intensity": spec.intensity}},
+        scale,
+    ]
+    if spec.resize != "squeeze" and not spec.spacing:
+        chain.append({"_target_": "ResizeWithPadOrCropd", "keys": "image",
+                      "spatial_size": [spec.image_size] * spec.spatial_dims})
+    chain.append({"_target_": "EnsureTyped", "keys": "image", "data_type": "numpy", "dtype": "$np.float32",
+                  "track_meta": False})
+    return chain
+
+
 def inference_config(spec: ImageSpec, meta: dict[str, Any]) -> dict[str, Any]:
     """``configs/inference.json``: vqmed's deterministic MONAI chain, the encoder and :class:`SaveCodesd`."""
     return {
@@ -211,13 +236,7 @@ def inference_config(spec: ImageSpec, meta: dict[str, Any]) -> dict[str, Any]:
         "preprocessing": {
             "_target_": "Compose",
             "transforms": [
-                {"_target_": "vqmed.data.transforms.LoadMedicalImaged", "keys": "image", "spatial_dims": spec.spatial_dims},
-                {"_target_": "vqmed.data.transforms.ToChannelsd", "keys": "image", "channels": spec.channels},
-                {"_target_": "vqmed.data.transforms.ToGridd", "keys": "image",
-                 "spec": {"_target_": "vqmed.data.ImageSpec", "image_size": spec.image_size, "spatial_dims": spec.spatial_dims,
-                          "channels": spec.channels, "spacing": list(spec.spacing) if spec.spacing else None}},
-                {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
-                {"_target_": "EnsureTyped", "keys": "image", "data_type": "numpy", "dtype": "$np.float32", "track_meta": False},
+                *_deterministic_chain(spec),
                 # vqmed's datasets hold images as 8 bits (the model trained and exports on exactly these values)
                 {"_target_": "vqmed.data.cache.Round8Bitd", "keys": "image"},
                 # header facts hold None values the default collate cannot batch; they are not an input

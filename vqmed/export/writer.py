@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from vqmed.data import ImageDataset, ImageSpec, Quarantine, read_manifest, resolve_data_root
+from vqmed.data import ImageDataset, ImageSpec, ManifestError, Quarantine, read_manifest, resolve_data_root
+from vqmed.data.manifest import duplicate_study_ids
 from vqmed.data.privacy import resolve_salt, salted_id
 from vqmed.atomic import TMP_PREFIX, atomic_write, atomic_write_json
 from vqmed.config import ExportConfig
@@ -61,6 +62,8 @@ def image_spec(meta: dict[str, Any]) -> ImageSpec:
         spatial_dims=int(data.get("spatial_dims", model_cfg.get("spatial_dims", 2))),
         channels=int(data.get("channels", model_cfg.get("in_channels", 1))),
         spacing=tuple(data["spacing"]) if data.get("spacing") else None,
+        resize=str(data.get("resize", "squeeze")),  # checkpoints from before these modes: squeeze + minmax
+        intensity=str(data.get("intensity", "minmax")),
     )
 
 
@@ -122,6 +125,8 @@ def _check_or_write_meta(out: Path, meta: dict[str, Any], write: bool) -> None:
             raise StoreError(f"{out}: was written with another id salt (set VQMED_ID_SALT as for the first export)")
         if bool(old.get("keep_ids")) != meta["keep_ids"]:
             raise StoreError(f"{out}: was written with keep_ids={old.get('keep_ids')}; use the same setting to resume")
+        if bool(old.get("keep_paths", True)) != meta["keep_paths"]:  # stores from before the option kept paths
+            raise StoreError(f"{out}: was written with keep_paths={old.get('keep_paths', True)}; use the same setting to resume")
         if old.get("arrays") != meta["arrays"]:
             raise StoreError(f"{out}: array shapes differ from this export's ({old.get('arrays')} vs {meta['arrays']})")
         return
@@ -157,8 +162,7 @@ def _batches(chunks: Iterator[tuple[list[int], ImageDataset]], batch_size: int, 
     images: list[torch.Tensor] = []
     rows: list[int] = []
     for positions, ds in chunks:
-        for path, reason in ds.quarantine.entries:
-            quarantine.add(path, reason)
+        quarantine.merge(ds.quarantine)
         bar.update(len(positions) - len(ds))
         for i in range(len(ds)):
             item = ds[i]
@@ -222,16 +226,19 @@ def _missing(value: Any) -> bool:
 
 
 def _index_rows(manifest: pd.DataFrame, positions: list[int], keys: list[str], salt: str, keep_ids: bool,
-                shapes: dict[str, str]) -> pd.DataFrame:
-    """Index rows of the given manifest positions: whitelisted columns, ids hashed unless ``keep_ids``."""
+                shapes: dict[str, str], keep_paths: bool = False) -> pd.DataFrame:
+    """Index rows of the given manifest positions: whitelisted columns, ids hashed unless ``keep_ids``,
+    the path only with ``keep_paths`` (file and folder names may identify a patient; ``row`` and ``key``
+    lead back to the manifest, which keeps the path)."""
     sub = manifest.iloc[positions]
     study = sub["study_id"].astype(str)
     rows = pd.DataFrame({
         "key": [keys[p] for p in positions],
         "study_id": study.to_list() if keep_ids else [salted_id("study", v, salt) for v in study],
-        "path": sub["path"].astype(str).to_list(),
         "row": np.asarray(positions, dtype=np.int64),
     })
+    if keep_paths:
+        rows.insert(2, "path", sub["path"].astype(str).to_list())
     for column in COPIED_COLUMNS:
         if column in sub.columns:
             rows[column] = sub[column].reset_index(drop=True)  # keeps nullable dtypes (Int64 frame)
@@ -270,6 +277,7 @@ def export_manifest(
     cache_dir: str | Path | None = ExportConfig.cache_dir,
     device: str = ExportConfig.device,
     arrays: list[str] | None = ExportConfig.arrays,
+    keep_paths: bool = ExportConfig.keep_paths,
 ) -> dict[str, Any]:
     """Export code maps and pooled embeddings of every manifest image into a sharded store.
 
@@ -293,6 +301,7 @@ def export_manifest(
         device: ``auto``, ``cpu`` or ``cuda``.
         arrays: feature arrays to write (names of :data:`vqmed.export.features.ARRAYS`; the code maps
             always); ``None``: every array the model gives. The defaults are :class:`vqmed.config.ExportConfig`'s.
+        keep_paths: also write each image's path into the index and ``quarantine.csv``.
 
     Returns:
         summary: ``exported``, ``skipped`` (already in the store or duplicated in the manifest),
@@ -309,13 +318,19 @@ def export_manifest(
     missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
     if missing:
         raise ValueError(f"{manifest_path}: manifest lacks column(s) {missing} (has {list(manifest.columns)})")
+    # Refused before anything is written: two index rows with one id would be two studies to every reader.
+    dups = duplicate_study_ids(manifest)
+    if dups:
+        shown = ", ".join(dups[:10]) + (f" and {len(dups) - 10} more" if len(dups) > 10 else "")
+        raise ManifestError(f"{manifest_path}: {len(dups)} study id(s) listed for more than one image, patient or split: "
+                            f"{shown}; fix the manifest (vqmed manifest check lists them) and export again")
 
     was_initialized = dist.is_available() and dist.is_initialized()
     runtime = init_runtime(device)
     try:
         return _export(model_ref, manifest, Path(out_dir), data_root, batch_size, keep_ids,
                        write_nifti, progress, shard_size, None if cache_dir is None else Path(cache_dir), runtime, start,
-                       None if arrays is None else tuple(arrays))
+                       None if arrays is None else tuple(arrays), keep_paths, manifest_path)
     finally:
         if not was_initialized:
             shutdown(runtime)
@@ -324,7 +339,8 @@ def export_manifest(
 def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
             data_root: str | Path | None, batch_size: int, keep_ids: bool, write_nifti: bool, progress: bool,
             shard_size: int, cache_dir: Path | None, runtime: Runtime, start: float,
-            arrays: tuple[str, ...] | None) -> dict[str, Any]:
+            arrays: tuple[str, ...] | None, keep_paths: bool = False,
+            manifest_path: Path | None = None) -> dict[str, Any]:
     # One function on purpose (~85 lines): the store lock spans the meta check, the orphan clean-up, this
     # rank's rows and the index rewrite, and every rank must pass the same barriers in the same order.
     model, info = load_model(model_ref, map_location="cpu")
@@ -354,10 +370,14 @@ def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
         "codebook_hash": book_hash,
         "levels": int(getattr(model, "levels", 1)),
         "image_spec": {"image_size": spec.image_size, "spatial_dims": spec.spatial_dims, "channels": spec.channels,
+                       "resize": spec.resize, "intensity": spec.intensity,
                        **({"spacing": list(spec.spacing)} if spec.spacing else {})},
         "arrays": arrays_meta,
         "keep_ids": bool(keep_ids),
+        "keep_paths": bool(keep_paths),
         "salt_check": salt_check(salt),
+        # where the paths are: the index holds none (unless keep_paths); the benchmark's pixel baselines read them here
+        "manifest": str(manifest_path.resolve()) if manifest_path is not None else None,
     }
     shapes = {f"{k}_shape": "x".join(str(s) for s in v.shape[1:]) for k, v in shapes_probe.items() if k.startswith("codes")}
 
@@ -386,7 +406,7 @@ def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
 
         exported, quarantined = _run(model, manifest, mine, keys, root, spec, out, salt, keep_ids, shapes,
                                      write_nifti, batch_size, shard_size, cache_dir, progress, runtime,
-                                     {"model_id": model_id, "codebook_hash": book_hash}, arrays)
+                                     {"model_id": model_id, "codebook_hash": book_hash}, arrays, keep_paths)
         if codebook_hash(codebooks(model)) != book_hash:
             raise RuntimeError("the codebook changed during export; the model is not frozen in eval mode")
 
@@ -415,7 +435,7 @@ def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
 def _run(model: nn.Module, manifest: pd.DataFrame, mine: list[int], keys: list[str], root: Path, spec: ImageSpec,
          out: Path, salt: str, keep_ids: bool, shapes: dict[str, str], write_nifti: bool, batch_size: int,
          shard_size: int, cache_dir: Path | None, progress: bool, runtime: Runtime,
-         fixed: dict[str, Any], arrays: tuple[str, ...] | None) -> tuple[int, int]:
+         fixed: dict[str, Any], arrays: tuple[str, ...] | None, keep_paths: bool = False) -> tuple[int, int]:
     """Encode this rank's rows batch by batch and commit shards as they fill; returns (exported, quarantined)."""
     # Unreadable files are never committed, so every run retries them and rewrites this list.
     quarantine_csv = out / (QUARANTINE_FILE if runtime.world_size == 1 else f"quarantine-r{runtime.rank}.csv")
@@ -435,16 +455,17 @@ def _run(model: nn.Module, manifest: pd.DataFrame, mine: list[int], keys: list[s
         chunks = _chunks(manifest, mine, shard_size, root, spec, cache_dir)
         for images, positions in _batches(chunks, batch_size, quarantine, bar):
             features = select_arrays(compute_features(model, images.to(runtime.device)), arrays)
-            index_rows = _index_rows(manifest, positions, keys, salt, keep_ids, shapes)
+            index_rows = _index_rows(manifest, positions, keys, salt, keep_ids, shapes, keep_paths)
             if nifti is not None:
                 # NIfTI files land before the shard that lists them is committed.
+                paths = manifest["path"].iloc[positions].astype(str).tolist()
                 index_rows["nifti"] = [nifti.write(key, codes, path) for key, codes, path in
-                                       zip(index_rows["key"], features["codes"], index_rows["path"])]
+                                       zip(index_rows["key"], features["codes"], paths)]
             writer.add(features, index_rows)
             bar.update(len(positions))
         writer.flush()
     finally:
         bar.close()
     if quarantine.entries:
-        quarantine.write(quarantine_csv)
+        quarantine.write(quarantine_csv, keep_paths=keep_paths)
     return writer.committed, len(quarantine)

@@ -4,7 +4,8 @@ Owns where runs are stored (the project's local sqlite store ``mlflow.db`` with 
 unless ``MLFLOW_TRACKING_URI`` says otherwise), experiment set-up, logging of flattened configs, NaN-safe
 metrics, figures and images, de-identified dataset inputs (digest + counts, never patient data), the
 figures every stage logs (reconstruction grid and per-epoch GIF, loss curves, codebook usage, label
-efficiency), the run lifecycle and artifacts (``runs``: start/end, tags, files, models), the reachability check of a tracking server, and serving MLflow's UI (``vqmed ui``).
+efficiency), the run lifecycle and artifacts (``runs``: start/end, tags, files, models), the reachability check of a tracking server,
+a server that dies mid-run (``resilience``: logging degrades with one warning, a local backlog sent when it is back), and serving MLflow's UI (``vqmed ui``).
 """
 
 from vqmed.tracking.curves import compute_curve_plot, log_compute_curve
@@ -38,11 +39,16 @@ from vqmed.tracking.runs import (
     set_tags,
     start_run,
 )
+from vqmed.tracking.resilience import backlog_size, flush_backlog, set_backlog_dir, tracking_degraded
 from vqmed.tracking.server import TrackingServerError, check_tracking_server
 from vqmed.tracking.ui import serve_ui, stop_ui, wait_for_ui
 
 # sorted, one name a line: the public names of the room (run lifecycle, logging, figures, UI)
 __all__ = [
+    "backlog_size",
+    "flush_backlog",
+    "set_backlog_dir",
+    "tracking_degraded",
     "check_tracking_server",
     "compute_curve_plot",
     "default_tracking_uri",

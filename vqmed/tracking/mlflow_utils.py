@@ -22,6 +22,8 @@ import mlflow
 import numpy as np
 from PIL import Image
 
+from vqmed.tracking.resilience import apply_http_defaults, guarded
+
 __all__ = [
     "ARTIFACT_DIR_NAME",
     "DB_FILE_NAME",
@@ -144,6 +146,7 @@ def setup_mlflow(tracking_uri: str | None, experiment: str) -> str:
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    apply_http_defaults()  # a server that dies mid-run costs seconds per call, not minutes of retries
     client = mlflow.MlflowClient(tracking_uri=uri)
 
     exp = client.get_experiment_by_name(experiment)
@@ -255,7 +258,8 @@ def log_params(cfg: Mapping[str, Any]) -> dict[str, str]:
     flat = flatten_params(cfg)
     items = list(flat.items())
     for i in range(0, len(items), 100):
-        mlflow.log_params(dict(items[i : i + 100]))
+        batch = dict(items[i : i + 100])
+        guarded("log_params", lambda b=batch: mlflow.log_params(b), {"kind": "params", "values": batch})
     return flat
 
 
@@ -298,7 +302,8 @@ def log_metrics(metrics: Mapping[str, Any], step: int) -> dict[str, float]:
             continue
         clean[str(key)] = val
     if clean:
-        mlflow.log_metrics(clean, step=int(step))
+        guarded("log_metrics", lambda: mlflow.log_metrics(clean, step=int(step)),
+                {"kind": "metrics", "values": clean, "step": int(step)})
     return clean
 
 
@@ -411,7 +416,9 @@ def _close_figure(fig: Any) -> None:
 
 def _log_file(local: Path, artifact_path: str) -> None:
     parent = str(PurePath(artifact_path).parent)
-    mlflow.log_artifact(str(local), artifact_path=None if parent in ("", ".") else parent)
+    folder = None if parent in ("", ".") else parent
+    guarded("log_artifact", lambda: mlflow.log_artifact(str(local), artifact_path=folder),
+            {"kind": "artifact", "file": str(local), "artifact_path": folder})
 
 
 def log_image_array(arr: Any, artifact_path: str) -> None:
@@ -518,5 +525,5 @@ def log_dataset_input(
         # MLflow's schema inference warns that int columns cannot hold missing values; counts never miss
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
         dataset = mlflow.data.from_pandas(table, name=name, digest=digest)
-        mlflow.log_input(dataset, context=context)
+        guarded("log_input", lambda: mlflow.log_input(dataset, context=context))
     return digest

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,7 +95,8 @@ class Trainer:
             remove_stale_temporaries(self.out, (RUN_FILE, SUMMARY_FILE, "final.pt"))
             remove_stale_temporaries(self.ckpt_dir)
         self.spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels,
-                              tuple(cfg.data.spacing) if cfg.data.spacing else None)
+                              spacing=tuple(cfg.data.spacing) if cfg.data.spacing else None,
+                              resize=cfg.data.resize, intensity=cfg.data.intensity)
         self._build_model()
         self._build_data()
         self._build_optimizer()
@@ -137,8 +139,8 @@ class Trainer:
             quarantine = self.out / "quarantine.csv"
             entries = list(self.train_set.quarantine.entries) + list(self.val_set.quarantine.entries)
             if entries:
-                self.train_set.quarantine.entries.extend(self.val_set.quarantine.entries)
-                self.train_set.quarantine.write(quarantine)
+                self.train_set.quarantine.merge(self.val_set.quarantine)
+                self.train_set.quarantine.write(quarantine, keep_paths=cfg.data.keep_paths)
                 print(f"quarantined {len(entries)} unreadable file(s): see {quarantine}")
         if len(self.train_set) < cfg.train.batch_size * self.rt.world_size:
             raise ConfigError(
@@ -217,14 +219,17 @@ class Trainer:
     def _start_tracking(self) -> None:
         if not self.rt.is_main:
             return
-        from vqmed.tracking import log_dataset_input, log_params, setup_mlflow, start_run
+        from vqmed.tracking import flush_backlog, log_dataset_input, log_params, set_backlog_dir, setup_mlflow, start_run
 
+        # What a server that dies mid-run cannot take is kept here and sent when it is back (or by --resume).
+        set_backlog_dir(self.out / "tracking_backlog")
         setup_mlflow(self.cfg.tracking.tracking_uri, self.cfg.tracking.experiment)
         run_file = self.out / RUN_FILE
         if self.run_id is None and run_file.exists():
             self.run_id = json.loads(run_file.read_text())["mlflow_run_id"]
         if self.run_id is not None:
             start_run(run_id=self.run_id)
+            flush_backlog()
             return
         run = start_run(run_name=self.cfg.name)
         self.run_id = run.info.run_id
@@ -463,6 +468,7 @@ class Trainer:
         atomic_write_json(self.out / SUMMARY_FILE, summary)
         log_artifact(self.out / SUMMARY_FILE)
         end_run()
+        _report_backlog(self.out)
         return summary
 
     def _log_mlflow_model(self) -> None:
@@ -482,3 +488,15 @@ class Trainer:
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any] | None:
     """Pretrain the configured model; returns the summary on rank 0 (``None`` on other ranks)."""
     return Trainer(cfg, resume).run()
+
+
+def _report_backlog(out: Path) -> None:
+    """Send what a tracking server that died mid-run could not take; warn (not fail) about what is still left."""
+    from vqmed.tracking import backlog_size, flush_backlog
+
+    flush_backlog()
+    left = backlog_size()
+    if left:
+        print(f"vqmed: warning: the training finished, but {left} tracking entries could not be sent to the MLflow "
+              f"server; they are kept in {out / 'tracking_backlog'} and sent by `vqmed pretrain --resume` with the same "
+              "--out once the server is back", file=sys.stderr, flush=True)
