@@ -107,7 +107,8 @@ def test_monai_bundle_run_gives_the_codes_of_vqmed_export(bundle, tmp_path, monk
     for label in ("NORMAL", "PNEUMONIA"):
         for src in sorted((KERMANY / "test" / label).glob("*.jpeg"))[:3]:
             shutil.copy(src, images / f"{label}_{src.name}")
-    manifest, _ = build_manifest(images, tmp_path / "data", progress=False)
+    # keep_paths: study ids are the file names, so each stored row finds its bundle output
+    manifest, _ = build_manifest(images, tmp_path / "data", progress=False, keep_paths=True)
     write_manifest(manifest, tmp_path / "manifest.csv")
     monkeypatch.setenv("CI", "1")
     export_manifest(ckpt, tmp_path / "manifest.csv", tmp_path / "store", tmp_path / "data", keep_ids=True, progress=False,

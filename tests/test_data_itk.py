@@ -134,7 +134,10 @@ def test_manifest_learns_series_folders_and_datasets_read_them(tmp_path, salt) -
     gap = root / "archive" / "ct_gap"
     shutil.copytree(CT5, gap)
     (gap / _by_height(CT5)[2].name).unlink()
-    manifest, report = build_manifest(root / "archive", root, progress=False, multiframe="volume")
+    # keep_paths: the report names the quarantined folders (by default it gives the reasons only)
+    manifest, report = build_manifest(root / "archive", root, progress=False, multiframe="volume", keep_paths=True)
+    _, private = build_manifest(root / "archive", root, progress=False, multiframe="volume")
+    assert "ct_gap" not in str(private) and any("missing slice" in r for r in private["quarantined"])
     series = manifest[manifest["format"] == "dicom_series"]
     assert series["path"].tolist() == ["archive/98892001/CT5N"] and series["frame"].tolist() == [0]
     # salted ids only: no raw UID anywhere in the manifest

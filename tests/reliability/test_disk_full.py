@@ -182,6 +182,6 @@ def test_export_write_fails_store_stays_loadable(where, small_checkpoint, kerman
     summary = export_manifest(small_checkpoint, everything, out, data_root, progress=False, shard_size=16)
     assert summary["exported"] == 96 - len(after) and summary["index_rows"] == 96
     final = _store_rows(out)
-    assert len(final) == 96 and sorted(final["path"]) == sorted(rows["path"])
+    assert len(final) == 96 and sorted(final["row"]) == list(range(len(rows)))  # every manifest row once
     assert {p.stem for p in (out / "shards").glob("*.npz")} == {p.stem for p in (out / "shards").glob("*.parquet")}
     assert find_temp_files(out) == []

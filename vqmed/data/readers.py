@@ -58,7 +58,11 @@ def detect_format(path: Path) -> str | None:
 
 def check_source(path: Path) -> None:
     """:func:`check_file` for files; a DICOM series folder must exist and be readable."""
-    if Path(path).is_dir():
+    try:
+        is_folder = Path(path).is_dir()
+    except (OSError, ValueError):  # e.g. ENAMETOOLONG: check_file gives the reason
+        is_folder = False
+    if is_folder:
         if not os.access(path, os.R_OK | os.X_OK):
             raise UnreadableImageError(path, "permission denied")
         return
