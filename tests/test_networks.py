@@ -407,6 +407,8 @@ def test_vit_vqvae_trains_on_xrays_and_stages_are_maps():
     losses = train_steps(model, kermany(256), steps=40, lr=2e-3)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     assert model.quantizer.stats()["usage_fraction"] > 0.3
+    # every trainable parameter takes part (DistributedDataParallel refuses unused ones)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     # the feature stages output spatial maps, as the export's grid pooling and VICReg's hooks expect
     from vqmed.networks.stages import stage_outputs
 

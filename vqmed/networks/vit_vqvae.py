@@ -39,7 +39,11 @@ class GridTransformerBlock(nn.Module):
 
 def _transformer(hidden: int, mlp: int, heads: int, dropout: float, qkv_bias: bool) -> TransformerBlock:
     # PyTorch's scaled_dot_product_attention instead of MONAI's einsum attention: same result, faster on CPU
-    return TransformerBlock(hidden, mlp, heads, dropout_rate=dropout, qkv_bias=qkv_bias, use_flash_attention=True)
+    block = TransformerBlock(hidden, mlp, heads, dropout_rate=dropout, qkv_bias=qkv_bias, use_flash_attention=True)
+    # MONAI builds the cross-attention LayerNorm even without cross-attention; its parameters would never get
+    # a gradient, which DistributedDataParallel refuses (and they would sit in every checkpoint unused)
+    block.norm_cross_attn = nn.Identity()
+    return block
 
 
 def _init_weights(m: nn.Module) -> None:
