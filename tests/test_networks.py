@@ -313,21 +313,28 @@ def test_vqvae2_trains_with_both_code_maps():
     assert float((own - swapped).abs().max()) > 1e-4
 
 
-def test_3d_vqvae_trains_on_mni152_volume():
-    vol = mni_volume(64)
-    model = VQVAE(
-        spatial_dims=3, channels=(8, 16), num_res_layers=1, num_res_channels=(8, 16), num_embeddings=64, embedding_dim=8
-    )
+@pytest.mark.parametrize(
+    "name, size, grid, steps",
+    [("vqvae", 64, 16, 8), ("vit_vqvae", 32, 8, 15)],
+)
+def test_3d_models_train_on_mni152_volume(name, size, grid, steps):
+    torch.manual_seed(0)
+    vol = mni_volume(size)
+    params = {
+        "vqvae": dict(channels=(8, 16), num_res_layers=1, num_res_channels=(8, 16)),
+        "vit_vqvae": dict(img_size=32, patch_size=4, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4),
+    }[name]
+    model = build_model(name, spatial_dims=3, num_embeddings=64, embedding_dim=8, **params)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(8):
+    for _ in range(steps):
         loss, terms, _ = vqvae_loss(model, vol)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(terms["recon_mse"].item())
     idx = model.index_quantize(vol)
-    assert idx.shape == (1, 16, 16, 16) and model.latent_shape((64, 64, 64)) == (16, 16, 16)
+    assert idx.shape == (1, grid, grid, grid) and model.latent_shape((size,) * 3) == (grid,) * 3
     assert losses[-1] < 0.5 * losses[0]
     assert model.quantizer.stats()["usage_fraction"] > 0.3
 
@@ -415,25 +422,6 @@ def test_vit_vqvae_trains_on_xrays_and_stages_are_maps():
     with torch.no_grad(), stage_outputs(model.feature_stages()) as caught:
         model.encode(kermany(2))
     assert [tuple(c.shape) for c in caught] == [(2, 32, 16, 16)]
-
-
-def test_3d_vit_vqvae_trains_on_mni152_volume():
-    torch.manual_seed(0)
-    vol = mni_volume(32)
-    model = ViTVQVAE(spatial_dims=3, img_size=32, patch_size=4, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4,
-                     num_embeddings=64, embedding_dim=8)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss, terms, _ = vqvae_loss(model, vol)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(terms["recon_mse"].item())
-    idx = model.index_quantize(vol)
-    assert idx.shape == (1, 8, 8, 8) and model.latent_shape(32) == (8, 8, 8)
-    assert losses[-1] < 0.5 * losses[0]
-    assert model.quantizer.stats()["usage_fraction"] > 0.3
 
 
 # ----------------------------------------------------------------------------- codebook usage
