@@ -33,6 +33,8 @@ MODELS = {
     "ema": ("vqvae", SMALL),
     "learned_cosine_lowdim": ("vqvae", dict(SMALL, decay=None, use_cosine=True, lookup_dim=4)),
     "vqvae2": ("vqvae2", dict(SMALL, top_channels=16)),
+    "vit": ("vit_vqvae", dict(img_size=32, patch_size=4, hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2,
+                              num_embeddings=64, embedding_dim=16, restart_after_steps=3)),
     # control: without the quantizer's own sync the codebooks must drift apart
     "ema_unsynced": ("vqvae", dict(SMALL, sync_distributed=False)),
 }

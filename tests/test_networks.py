@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vqmed.networks import VQVAE, VQVAE2, VectorQuantizer, build_model, vqvae_loss
+from vqmed.networks import VQVAE, VQVAE2, VectorQuantizer, ViTVQVAE, build_model, vqvae_loss
 
 DATA_ROOT = Path(os.environ.get("VQMED_DATA_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 # a small, fast configuration for the default suite
 SMALL = dict(channels=(16, 32), num_res_layers=1, num_res_channels=(16, 16), num_embeddings=128, embedding_dim=16)
+# the ViT's counterpart: 4x4 patches of a 64x64 image, one narrow transformer block each side
+SMALL_VIT = dict(img_size=64, patch_size=4, hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2, num_embeddings=128,
+                 embedding_dim=16)
 
 
 @pytest.fixture(autouse=True)
@@ -176,10 +179,11 @@ def test_quantizer_rejects_bad_input():
 # ----------------------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("name", ["vqvae", "vqvae2", "monai_vqvae"])
+@pytest.mark.parametrize("name", ["vqvae", "vqvae2", "monai_vqvae", "vit_vqvae"])
 def test_model_api_shapes_and_config_roundtrip(name):
     params = {
         "vqvae": dict(SMALL, output_act="SIGMOID"),
+        "vit_vqvae": dict(SMALL_VIT, output_act="SIGMOID"),
         "vqvae2": dict(SMALL, top_channels=32),
         "monai_vqvae": dict(channels=(16, 32), num_res_layers=1, num_embeddings=64, embedding_dim=16),
     }[name]
@@ -209,7 +213,7 @@ def test_model_api_shapes_and_config_roundtrip(name):
     rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(x)[0], model(x)[0])
-    if name == "vqvae":
+    if name in ("vqvae", "vit_vqvae"):
         assert float(out.min()) >= 0 and float(out.max()) <= 1  # output_act="SIGMOID"
 
 
@@ -254,7 +258,9 @@ def test_gradients_reach_encoder_through_quantizer():
 
 def test_eval_never_changes_codebook():
     x = kermany(16)
-    for model in (VQVAE(**SMALL), VQVAE2(**SMALL, top_channels=32), VQVAE(**SMALL, restart_after_steps=1, decay=None)):
+    models = (VQVAE(**SMALL), VQVAE2(**SMALL, top_channels=32), VQVAE(**SMALL, restart_after_steps=1, decay=None),
+              ViTVQVAE(**SMALL_VIT))
+    for model in models:
         before_init = state(model)
         model.eval()
         with torch.no_grad():
@@ -307,23 +313,115 @@ def test_vqvae2_trains_with_both_code_maps():
     assert float((own - swapped).abs().max()) > 1e-4
 
 
-def test_3d_vqvae_trains_on_mni152_volume():
-    vol = mni_volume(64)
-    model = VQVAE(
-        spatial_dims=3, channels=(8, 16), num_res_layers=1, num_res_channels=(8, 16), num_embeddings=64, embedding_dim=8
-    )
+@pytest.mark.parametrize(
+    "name, size, grid, steps",
+    [("vqvae", 64, 16, 8), ("vit_vqvae", 32, 8, 15)],
+)
+def test_3d_models_train_on_mni152_volume(name, size, grid, steps):
+    torch.manual_seed(0)
+    vol = mni_volume(size)
+    params = {
+        "vqvae": dict(channels=(8, 16), num_res_layers=1, num_res_channels=(8, 16)),
+        "vit_vqvae": dict(img_size=32, patch_size=4, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4),
+    }[name]
+    model = build_model(name, spatial_dims=3, num_embeddings=64, embedding_dim=8, **params)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(8):
+    for _ in range(steps):
         loss, terms, _ = vqvae_loss(model, vol)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(terms["recon_mse"].item())
     idx = model.index_quantize(vol)
-    assert idx.shape == (1, 16, 16, 16) and model.latent_shape((64, 64, 64)) == (16, 16, 16)
+    assert idx.shape == (1, grid, grid, grid) and model.latent_shape((size,) * 3) == (grid,) * 3
     assert losses[-1] < 0.5 * losses[0]
     assert model.quantizer.stats()["usage_fraction"] > 0.3
+
+
+# ----------------------------------------------------------------------------- ViT VQ-VAE
+
+
+@pytest.mark.parametrize(
+    "spatial_dims, img_size, patch_size",
+    [(2, (32, 64), 2), (2, (32, 64), 4), (2, (32, 64), 8), (2, (32, 64), 16), (2, (32, 64), (4, 8)), (3, (16, 32, 16), 4)],
+)
+def test_vit_output_has_the_input_size_for_every_patch_size(spatial_dims, img_size, patch_size):
+    """MONAI's ViTAutoEnc upsamples by a fixed 16 (MONAI issue 6668); the patch-to-pixel head writes each patch
+    back where the patch embedding took it from, for any patch size, non-square and 3D inputs included."""
+    model = ViTVQVAE(spatial_dims=spatial_dims, img_size=img_size, patch_size=patch_size, hidden_size=16, mlp_dim=16,
+                     num_layers=1, num_heads=2, num_embeddings=16, embedding_dim=4)
+    x = torch.rand(2, 1, *img_size)
+    recon, _, idx = model(x)
+    grid = tuple(s // p for s, p in zip(img_size, model.patch_size))
+    assert recon.shape == x.shape and idx.shape == (2, *grid) == (2, *model.latent_shape(img_size))
+    # unpatchify inverts the patch embedding's token order: tokens holding their patch's pixels give the image
+    p = model.patch_size
+    tokens = F.unfold(x, p, stride=p).transpose(1, 2) if spatial_dims == 2 else (
+        x.unfold(2, p[0], p[0]).unfold(3, p[1], p[1]).unfold(4, p[2], p[2]).reshape(2, -1, int(np.prod(p))))
+    assert torch.equal(model.unpatchify(tokens), x)
+
+
+def test_vit_masked_forward_drops_hidden_patches_from_the_encoder():
+    torch.manual_seed(0)
+    model = ViTVQVAE(**SMALL_VIT)
+    x = kermany(4)
+    model(x)  # k-means init
+    model.eval()
+    hidden = torch.zeros(4, 16, 16, dtype=torch.bool)
+    for b in range(4):
+        hidden[b].view(-1)[torch.randperm(256)[:192]] = True  # 75% hidden, different patches per image
+    mask_token = torch.randn(32)
+    seen = []
+    hook = model.encoder_blocks[0].block.register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape))
+    with torch.no_grad():
+        recon, _, idx = model(x, hidden=hidden, mask_token=mask_token)
+        pixels = hidden.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1)
+        changed = model(torch.where(pixels, torch.rand_like(x), x), hidden=hidden, mask_token=mask_token)[0]
+        visible_changed = model(torch.where(pixels, x, torch.rand_like(x)), hidden=hidden, mask_token=mask_token)[0]
+    hook.remove()
+    assert seen[0] == (4, 64, 32) and idx.shape == (4, 64)  # the encoder and the quantizer saw 64 of 256 tokens
+    assert recon.shape == x.shape
+    assert torch.equal(recon, changed)  # what lies under the hidden patches never reaches the model
+    assert float((recon - visible_changed).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        bad = hidden.clone()
+        bad[0, 0, 0] = ~bad[0, 0, 0]
+        model(x, hidden=bad, mask_token=mask_token)
+    with pytest.raises(ValueError, match="mask_token"):
+        model(x, hidden=hidden)
+
+
+def test_vit_errors_name_the_argument():
+    with pytest.raises(ValueError, match="patch_size"):
+        build_model("vit_vqvae", img_size=64, patch_size=5)
+    with pytest.raises(ValueError, match="num_heads"):
+        build_model("vit_vqvae", hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError, match="sincos"):
+        build_model("vit_vqvae", pos_embed_type="sincos", hidden_size=30, num_heads=3)
+    with pytest.raises(ValueError, match="pos_embed_type"):
+        build_model("vit_vqvae", pos_embed_type="rotary")
+    model = build_model("vit_vqvae", **SMALL_VIT)
+    with pytest.raises(ValueError, match="img_size"):
+        model(torch.zeros(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="img_size"):
+        model.latent_shape(128)
+
+
+def test_vit_vqvae_trains_on_xrays_and_stages_are_maps():
+    torch.manual_seed(0)
+    model = ViTVQVAE(**SMALL_VIT)
+    losses = train_steps(model, kermany(256), steps=40, lr=2e-3)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert model.quantizer.stats()["usage_fraction"] > 0.3
+    # every trainable parameter takes part (DistributedDataParallel refuses unused ones)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    # the feature stages output spatial maps, as the export's grid pooling and VICReg's hooks expect
+    from vqmed.networks.stages import stage_outputs
+
+    with torch.no_grad(), stage_outputs(model.feature_stages()) as caught:
+        model.encode(kermany(2))
+    assert [tuple(c.shape) for c in caught] == [(2, 32, 16, 16)]
 
 
 # ----------------------------------------------------------------------------- codebook usage

@@ -44,7 +44,7 @@ def ddp_results(tmp_path_factory) -> dict:
     return results
 
 
-@pytest.mark.parametrize("tag", ["ema", "learned_cosine_lowdim", "vqvae2"])
+@pytest.mark.parametrize("tag", ["ema", "learned_cosine_lowdim", "vqvae2", "vit"])
 def test_ddp_ranks_end_bit_identical(ddp_results, tag):
     r0, r1 = ddp_results[tag]["rank0"], ddp_results[tag]["rank1"]
     assert r0["batch_means"] != r1["batch_means"]  # the ranks really saw different images

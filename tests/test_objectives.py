@@ -83,6 +83,32 @@ def test_every_objective_learns_and_uses_the_codebook(name, views):
         assert end < 0.8 * start, f"VICReg term did not fall ({start:.3f} -> {end:.3f})"
 
 
+def test_masked_objective_drops_hidden_patches_from_a_vit(views):
+    """With the ViT VQ-VAE the masked objective hides patches by dropping their tokens (MAE): the encoder sees
+    only the visible quarter, the objective's mask token is trained, and the reconstruction improves."""
+    torch.manual_seed(0)
+    model = build_model("vit_vqvae", img_size=32, patch_size=4, hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2,
+                        num_embeddings=64, embedding_dim=16)
+    objective = build_objective("masked", {"mask_ratio": 0.75, "patch": 8}, model, (1, 32, 32))
+    seen = []
+    hook = model.encoder_blocks[0].block.register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[1]))
+    optimizer = torch.optim.Adam([*model.parameters(), *objective.parameters()], lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    mse = []
+    for _ in range(40):
+        loss, metrics = objective(model, views[torch.randperm(len(views), generator=g)[:16], :1])
+        optimizer.zero_grad()
+        loss.backward()
+        assert objective.mask_token.grad is not None and float(objective.mask_token.grad.abs().sum()) > 0
+        optimizer.step()
+        mse.append(float(metrics["recon_mse"]))
+    hook.remove()
+    assert set(seen) == {16}  # 25% of the 64 tokens: the encoder never ran on the hidden ones
+    assert sum(mse[-5:]) < 0.7 * sum(mse[:5])
+    with pytest.raises(ConfigError, match="multiple of the model's patch_size"):
+        build_objective("masked", {"patch": 2}, model, (1, 32, 32))
+
+
 def test_vicreg_terms_reward_agreement_and_spread():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(64, 32, generator=g)

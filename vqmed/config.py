@@ -104,10 +104,10 @@ class ModelConfig:
     """The network, chosen by name, with its constructor arguments.
 
     Args:
-        name: ``vqvae`` (single level), ``vqvae2`` (hierarchical) or ``monai_vqvae`` (MONAI's
-            reference ``VQVAE``, used as the speed/quality baseline).
-        params: keyword arguments of the chosen class (see :mod:`vqmed.networks`); ``spatial_dims``
-            and the channel counts are filled in from the data section.
+        name: ``vqvae`` (single level), ``vqvae2`` (hierarchical), ``vit_vqvae`` (transformer encoder and
+            decoder) or ``monai_vqvae`` (MONAI's reference ``VQVAE``, used as the speed/quality baseline).
+        params: keyword arguments of the chosen class (see :mod:`vqmed.networks`); ``spatial_dims``,
+            the channel counts and (for ``vit_vqvae``) ``img_size`` are filled in from the data section.
     """
 
     name: str = "vqvae"

@@ -10,15 +10,17 @@ from torch import nn
 from vqmed.networks.monai_baseline import MonaiVQVAE
 from vqmed.networks.vqvae import VQVAE
 from vqmed.networks.vqvae2 import VQVAE2
+from vqmed.networks.vit_vqvae import ViTVQVAE
 
 __all__ = ["MODELS", "build_model"]
 
-MODELS: dict[str, type[nn.Module]] = {"vqvae": VQVAE, "vqvae2": VQVAE2, "monai_vqvae": MonaiVQVAE}
+MODELS: dict[str, type[nn.Module]] = {"vqvae": VQVAE, "vqvae2": VQVAE2, "monai_vqvae": MonaiVQVAE, "vit_vqvae": ViTVQVAE}
 
 
 def build_model(name: str, **params: Any) -> nn.Module:
     """
-    Build ``vqvae`` (:class:`VQVAE`), ``vqvae2`` (:class:`VQVAE2`) or ``monai_vqvae`` (:class:`MonaiVQVAE`).
+    Build ``vqvae`` (:class:`VQVAE`), ``vqvae2`` (:class:`VQVAE2`), ``monai_vqvae`` (:class:`MonaiVQVAE`) or
+    ``vit_vqvae`` (:class:`ViTVQVAE`).
 
     Every model keeps its constructor arguments in ``model.config``, so
     ``build_model(name, **model.config)`` rebuilds it (e.g. from a checkpoint).

@@ -10,7 +10,7 @@ __all__ = ["vqvae_loss"]
 
 
 def vqvae_loss(
-    model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None, **forward_args: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Reconstruction MSE plus the quantizer's losses (commitment, and codebook for a learned codebook).
 
@@ -20,6 +20,7 @@ def vqvae_loss(
         x: input batch ``[B, C, *spatial]``.
         target: what the reconstruction is compared with (``x`` when ``None``; the unmasked image for
             masked-input objectives).
+        forward_args: passed on to ``model(x, ...)`` (the ViT's ``hidden`` patches and ``mask_token``).
 
     Returns:
         ``(loss, terms, reconstruction)``: the total loss, its terms (``recon_mse`` and the quantizer's
@@ -27,7 +28,7 @@ def vqvae_loss(
         autocast, so a bf16 reconstruction does not round the loss.
     """
     target = x if target is None else target
-    reconstruction, quantizer_losses, _ = model(x)
+    reconstruction, quantizer_losses, _ = model(x, **forward_args)
     recon_mse = F.mse_loss(reconstruction.float(), target.float())
     loss = recon_mse + sum(quantizer_losses.values())
     return loss, {"recon_mse": recon_mse, **quantizer_losses}, reconstruction

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import signal
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from vqmed.config import ConfigError, PretrainConfig
+from vqmed.networks import MODELS
 
 __all__ = ["History", "StopRequest", "lr_at", "model_arguments", "seed_everything"]
 
@@ -23,9 +25,13 @@ def seed_everything(seed: int) -> None:
 
 
 def model_arguments(cfg: PretrainConfig) -> dict[str, Any]:
-    """The model's constructor arguments: the config's ``model.params`` plus what the data section fixes."""
+    """The model's constructor arguments: the config's ``model.params`` plus what the data section fixes
+    (dimensions, channels, and the image size for models that take ``img_size``)."""
     params = dict(cfg.model.params)
     fixed = {"spatial_dims": cfg.data.spatial_dims, "in_channels": cfg.data.channels, "out_channels": cfg.data.channels}
+    if "img_size" in inspect.signature(MODELS[cfg.model.name].__init__).parameters:
+        # a model with per-patch position embeddings (vit_vqvae) is built for the data's image size
+        fixed["img_size"] = cfg.data.image_size
     for key, value in fixed.items():
         if key in params and params[key] != value:
             raise ConfigError(f"model.params.{key}={params[key]} contradicts the data section ({value}); remove it")

@@ -4,6 +4,10 @@ After MAE (He et al., CVPR 2022, "Masked Autoencoders Are Scalable Vision Learne
 convolutional VQ-VAE as in SparK / ConvMAE-style pretraining: the hidden patches are filled with the
 image's mean (a convolution cannot drop tokens), and the loss is the VQ-VAE loss against the unmasked
 image, so the encoder must infer hidden anatomy from its context instead of copying pixels.
+
+A model that can drop patches (``drops_hidden_patches``: the ViT VQ-VAE) gets the hidden patches as a token
+mask instead, as in MAE itself: its encoder and quantizer process only the visible tokens and its decoder
+fills the hidden places with a learned mask token, owned (trained and checkpointed) by this objective.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ def patch_mask(shape: tuple[int, ...], patch: int, ratio: float, device: torch.d
 
 
 class MaskedReconstruction(Objective):
-    """Reconstruct the whole image from a copy with ``mask_ratio`` of its patches filled with its mean.
+    """Reconstruct the whole image from a copy with ``mask_ratio`` of its patches filled with its mean (or,
+    for a model that drops patches, from the visible patches alone).
 
     Args:
         model: the VQ model.
@@ -68,13 +73,28 @@ class MaskedReconstruction(Objective):
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], params: MaskedParams) -> None:
         super().__init__(model, input_shape, params)
-        self.patch = int(params.patch or getattr(model, "downsample", 8))
+        self.patch = int(params.patch or getattr(model, "downsample", None) or 8)
         if any(s % self.patch for s in input_shape[1:]):
             raise ValueError(f"objective 'masked': patch {self.patch} does not divide the input size {input_shape[1:]}")
+        self.drops_patches = bool(getattr(model, "drops_hidden_patches", False))
+        if self.drops_patches:
+            if any(self.patch % p for p in model.patch_size):
+                raise ValueError(
+                    f"objective 'masked': patch {self.patch} must be a multiple of the model's patch_size "
+                    f"{model.patch_size}, so that every token is wholly hidden or visible"
+                )
+            # the decoder's token for a hidden patch (MAE); zero-mean, small, like the position embeddings
+            self.mask_token = nn.Parameter(torch.empty(model.decoder_hidden_size))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def forward(self, model: nn.Module, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = views[:, 0]
         mask = patch_mask(tuple(x.shape), self.patch, self.params.mask_ratio, x.device)
+        if self.drops_patches:
+            # one value per token: nearest sampling at the token grid reads a pixel inside each token
+            hidden = F.interpolate(mask, size=model.grid, mode="nearest")[:, 0].bool()
+            loss, terms, _ = vqvae_loss(model, x, hidden=hidden, mask_token=self.mask_token)
+            return loss, {"loss": loss, **terms}
         fill = x.flatten(2).mean(dim=2).view(x.shape[0], x.shape[1], *([1] * (x.dim() - 2)))
         loss, terms, _ = vqvae_loss(model, x * (1 - mask) + fill * mask, target=x)
         return loss, {"loss": loss, **terms}
