@@ -274,9 +274,9 @@ class PriorTrainer:
                     tick = now
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(bits=f"{float(loss) / LN2:.3f}")
+                        bar.set_postfix(bits=f"{loss.item() / LN2:.3f}")
                     if self.step % cfg.log_every == 0:
-                        metrics = {"train/bits_per_code": float(loss) / LN2, "train/lr": self.scheduler.get_last_lr()[0]}
+                        metrics = {"train/bits_per_code": loss.item() / LN2, "train/lr": self.scheduler.get_last_lr()[0]}
                         metrics.update({f"train/bits_{k.split('/')[1]}": float(v) / LN2 for k, v in parts.items()})
                         self._log(metrics, self.step)
                     last = self.step >= self.total_steps or (deadline is not None and time.monotonic() > deadline)
