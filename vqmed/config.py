@@ -849,10 +849,6 @@ class PriorConfig:
         self.tracking.validate()
 
 
-#: The corruptions of the QA benchmark (one home of the names; ``vqmed.prior.qa`` implements each).
-QA_CORRUPTIONS = ("inverted", "rotated_90", "rotated_180", "flipped", "cropped")
-
-
 @dataclass
 class QASourceConfig:
     """Non-chest images of the QA benchmark, one source.
@@ -895,8 +891,9 @@ class QAConfig:
         test_split: the store split whose real films are corrupted and scored.
         reference_split: split the mean-intensity baseline's reference comes from (never the test split).
         reference_images: images of ``reference_split`` giving that reference.
-        corruptions: corruptions of the real films (``inverted``, ``rotated_90``, ``rotated_180``, ``flipped``,
-            ``cropped``: the film's upper-left quarter, resized back to full size).
+        corruptions: corruptions of the real films, names of ``vqmed.prior.qa.CORRUPT`` (``inverted``, ``rotated_90``,
+            ``rotated_180``, ``flipped``, ``cropped``: the film's upper-left quarter, resized back to full size);
+            ``None``: every one.
         non_chest: name -> :class:`QASourceConfig`: non-chest images scored as they are.
         batch_size: images per encoder / prior call.
         tracking: MLflow experiment and store.
@@ -912,7 +909,7 @@ class QAConfig:
     test_split: str = "test"
     reference_split: str = "train"
     reference_images: int = 256
-    corruptions: list[str] = field(default_factory=lambda: list(QA_CORRUPTIONS))
+    corruptions: list[str] | None = None
     non_chest: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="vqmed-prior-qa", log_model=False))
@@ -921,9 +918,12 @@ class QAConfig:
         _check(self.export is not None, "export", "is required (in the YAML file or as --set export=DIR)")
         _check(self.reference_split != self.test_split, "reference_split", "must differ from test_split")
         _check(self.reference_images >= 1, "reference_images", "must be >= 1")
-        for i, name in enumerate(self.corruptions):
-            _check(name in QA_CORRUPTIONS, f"corruptions[{i}]", f"must be one of {list(QA_CORRUPTIONS)}, got {name!r}")
-        _check(len(self.corruptions) + len(self.non_chest) > 0, "corruptions", "needs a corruption or a non_chest source")
+        # The QA room's registry is the one home of the corruption names (imported here, not copied).
+        from vqmed.prior.qa import CORRUPT
+
+        for i, name in enumerate(self.corruptions or []):
+            _check(name in CORRUPT, f"corruptions[{i}]", f"must be one of {list(CORRUPT)}, got {name!r}")
+        _check(self.corruptions != [] or len(self.non_chest) > 0, "corruptions", "needs a corruption or a non_chest source")
         for name, raw in self.non_chest.items():
             self.non_chest[name] = source = raw if isinstance(raw, QASourceConfig) else from_dict(QASourceConfig, raw, f"non_chest.{name}")
             source.validate(f"non_chest.{name}")

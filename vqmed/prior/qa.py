@@ -45,7 +45,7 @@ def _crop_quarter(x: torch.Tensor) -> torch.Tensor:
     return nn.functional.interpolate(part, size=x.shape[2:], mode=mode, align_corners=False).clamp(0, 1)
 
 
-#: corruption name (``vqmed.config.QA_CORRUPTIONS``) -> what it does to ``[N, C, *spatial]`` images in [0, 1]
+#: The corruption registry (``QAConfig.corruptions`` is validated against it): name -> what it does to ``[N, C, *spatial]`` images in [0, 1]
 CORRUPT = {
     "inverted": lambda x: 1.0 - x,  # a MONOCHROME1 film read as MONOCHROME2 (or inverted twice)
     "rotated_90": lambda x: torch.rot90(x, 1, dims=(-2, -1)),
@@ -143,7 +143,7 @@ def run_qa(cfg: QAConfig, out: str | Path | None = None) -> dict[str, Any]:
 
     real = _images(_split_rows(store, cfg.test_split), root, spec)
     groups: dict[str, dict[str, np.ndarray]] = {"real": scorer(real)}
-    for name in cfg.corruptions:
+    for name in CORRUPT if cfg.corruptions is None else cfg.corruptions:
         groups[name] = scorer(CORRUPT[name](real))
     non_chest = []
     for name, source in cfg.non_chest.items():
