@@ -42,11 +42,6 @@ def _salt_and_threads(pinned_salt_and_threads):
         yield
 
 
-@pytest.fixture(scope="module")
-def data_root() -> Path:
-    return Path(resolve_data_root(None))
-
-
 def _save(model: torch.nn.Module, name: str, image_size: int, spatial_dims: int, directory: Path) -> Path:
     state = {"model_name": name, "model_config": model.config, "model_state": model.state_dict(), "step": 0,
              "config": {"data": {"image_size": image_size, "spatial_dims": spatial_dims, "channels": 1}}}
@@ -54,8 +49,9 @@ def _save(model: torch.nn.Module, name: str, image_size: int, spatial_dims: int,
 
 
 @pytest.fixture(scope="module")
-def store_dir(data_root, tmp_path_factory) -> Path:
+def store_dir(tmp_path_factory) -> Path:
     """240 real Kermany rows (200 train, 40 test), exported by a small VQ-VAE trained 30 steps on the train rows."""
+    data_root = Path(resolve_data_root(None))
     kermany = read_manifest(KERMANY)
     parts = [g.sort_values("path").head(100 if split == "train" else 20) for (split, _), g in kermany.groupby(["split", "label"])]
     manifest = pd.concat(parts).sort_values("path").reset_index(drop=True)

@@ -106,18 +106,44 @@ class ObjectiveConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The optimisation loop.
+class LoopConfig:
+    """What every optimisation loop has (pretraining's ``TrainConfig``, the prior's ``PriorTrainConfig``).
 
     Args:
-        epochs: passes over the training images.
+        epochs: passes over the training data.
         max_steps: stop after this many optimiser steps (``None`` = epochs decide).
         max_minutes: wall-clock budget; training stops cleanly at the end of the step that passes it.
-        batch_size: images per optimiser step per process.
+        batch_size: examples per optimiser step per process.
         lr: peak learning rate (AdamW).
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up before cosine decay.
         grad_clip: clip the gradient norm to this value (``None`` = off).
+    """
+
+    epochs: int = 10
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float | None = 1.0
+
+    def validate_loop(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
+        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0 or null")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """The pretraining loop: :class:`LoopConfig`'s fields (``batch_size`` counts images) and
+
+    Args:
         num_workers: DataLoader workers (more than 1 slows a 2-core machine).
         threads: torch intra-op threads; ``None`` = the number of usable cores.
         amp: mixed precision on CUDA (``bf16``/``fp16``/``off``); always off on CPU, where bf16 is ~25x slower.
@@ -131,14 +157,6 @@ class TrainConfig:
             these steps (0 = the random initialisation), e.g. for a pretraining-compute curve.
     """
 
-    epochs: int = 10
-    max_steps: int | None = None
-    max_minutes: float | None = None
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    grad_clip: float | None = 1.0
     num_workers: int = 0
     threads: int | None = None
     amp: str = "bf16"
@@ -151,11 +169,7 @@ class TrainConfig:
     keep_checkpoints_at: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
-        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0 or null")
-        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        self.validate_loop()
         _check(self.amp in ("bf16", "fp16", "off"), "train.amp", f"must be bf16, fp16 or off, got {self.amp!r}")
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
         _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
@@ -740,18 +754,11 @@ class PriorNetConfig:
 
 
 @dataclass
-class PriorTrainConfig:
-    """The prior's optimisation loop.
+class PriorTrainConfig(LoopConfig):
+    """The prior's optimisation loop: :class:`LoopConfig`'s fields (``batch_size`` counts code maps; the learning
+    rate decays to 5% of ``lr``) and
 
     Args:
-        epochs: passes over the training codes.
-        max_steps: stop after this many optimiser steps (``None``: epochs decide).
-        max_minutes: wall-clock budget; training stops at the end of the step that passes it.
-        batch_size: code maps per step.
-        lr: peak AdamW learning rate (linear warm-up, cosine decay to 5%).
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps.
-        grad_clip: gradient-norm clip (``None``: off).
         val_fraction: share of the training split's patients held out for validation bits per code.
         val_every: validate every this many steps (and at the end).
         log_every: log the training loss every this many steps.
@@ -760,14 +767,6 @@ class PriorTrainConfig:
         device: ``auto``, ``cpu`` or ``cuda``.
     """
 
-    epochs: int = 3
-    max_steps: int | None = None
-    max_minutes: float | None = None
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    grad_clip: float | None = 1.0
     val_fraction: float = 0.05
     val_every: int = 100
     log_every: int = 10
@@ -776,13 +775,7 @@ class PriorTrainConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
-        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0 or null")
-        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        self.validate_loop()
         _check(0.0 < self.val_fraction < 0.5, "train.val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
         for key in ("val_every", "log_every", "checkpoint_every"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")

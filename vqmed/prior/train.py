@@ -174,13 +174,12 @@ class PriorTrainer:
 
         setup_mlflow(self.cfg.tracking.tracking_uri, self.cfg.tracking.experiment)
         run_file = self.out / RUN_FILE
-        if self.run_id is None and run_file.exists():
-            self.run_id = json.loads(run_file.read_text())["mlflow_run_id"]
-        if self.run_id is not None:
+        # the run of the checkpoint, else the one a run killed before its first checkpoint recorded
+        self.run_id = self.run_id or (json.loads(run_file.read_text())["mlflow_run_id"] if run_file.exists() else None)
+        if self.run_id:
             start_run(run_id=self.run_id)
             return
-        run = start_run(run_name=self.cfg.name)
-        self.run_id = run.info.run_id
+        self.run_id = start_run(run_name=self.cfg.name).info.run_id
         atomic_write_json(run_file, {"mlflow_run_id": self.run_id})
         log_params(to_dict(self.cfg))
         log_params({"resolved.total_steps": self.total_steps, "resolved.train_studies": self.n_train,
