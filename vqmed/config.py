@@ -875,10 +875,10 @@ class QAConfig:
 
     Args:
         name: MLflow run name.
-        seed: seeds the reference images drawn from the training split.
         export: the export store whose test split is scored (``--set export=...``).
         prior: the prior's directory (``vqmed prior train --out``).
         prior_config: the prior config the pipeline trains with when ``prior`` holds no prior yet.
+        seed: seeds the reference images drawn from the training split.
         out: output directory: ``qa.csv``, ``qa.md``, ``qa.json``, ``qa_auroc.png``.
         data_root: root of the store's image paths (``None``: ``VQMED_DATA_ROOT`` or ``../shared/data``).
         test_split: the store split whose real films are corrupted and scored.
@@ -893,10 +893,10 @@ class QAConfig:
     """
 
     name: str = "prior-qa"
-    seed: int = 0
     export: str | None = None
     prior: str = "runs/prior"
     prior_config: str = "configs/prior/cxr_64.yaml"
+    seed: int = 0
     out: str = "runs/prior_qa"
     data_root: str | None = None
     test_split: str = "test"
