@@ -1,4 +1,4 @@
-"""The ``vqmed`` command line: ``manifest | preview | pretrain | export | benchmark | bundle | ui``.
+"""The ``vqmed`` command line: ``manifest | preview | pretrain | export | prior | benchmark | bundle | ui``.
 
 Each sub-command parses and validates its arguments, then calls exactly one room of the library.
 Heavy imports (torch, MONAI, MLflow) happen inside the sub-command so ``vqmed --help`` is instant.
@@ -169,6 +169,45 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prior_train(args: argparse.Namespace) -> int:
+    from vqmed.config import PriorConfig, load_config
+    from vqmed.prior import train_prior
+
+    overrides = list(args.set or [])
+    overrides += [f"{key}={json.dumps(value)}" for key, value in {"export": args.export, "out": args.out}.items()
+                  if value is not None]
+    cfg = load_config(PriorConfig, args.config, overrides)
+    print(json.dumps(train_prior(cfg, resume=args.resume), indent=2, default=str))
+    return 0
+
+
+def _cmd_prior_sample(args: argparse.Namespace) -> int:
+    from vqmed.prior import sample_prior
+
+    summary = sample_prior(args.prior, args.out, n=args.n, temperature=args.temperature, top_k=args.top_k,
+                           export=args.export, seed=args.seed)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_prior_score(args: argparse.Namespace) -> int:
+    from vqmed.prior import score_store
+
+    summary = score_store(args.prior, args.export, flag_quantile=args.flag_quantile, heatmaps=args.heatmaps,
+                          heatmap_dir=args.heatmap_dir, batch_size=args.batch_size)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_prior_qa(args: argparse.Namespace) -> int:
+    from vqmed.config import QAConfig, load_config
+    from vqmed.prior import run_qa
+
+    cfg = load_config(QAConfig, args.config, list(args.set or []))
+    run_qa(cfg, args.out)
+    return 0
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     from vqmed.tracking import serve_ui
 
@@ -236,6 +275,38 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--keep-paths", action="store_true", default=None, help="also write file paths / names into the outputs (off: outputs name studies by salted ids only)")
     exp.add_argument("--quiet", action="store_true", help="no progress bar")
     exp.set_defaults(func=_cmd_export)
+
+    prior = sub.add_parser("prior", help="a transformer prior over exported code maps: train, sample, score, qa")
+    psub = prior.add_subparsers(dest="prior_command", required=True)
+    ptrain = psub.add_parser("train", help="train the prior on the code maps of an export (MLflow, checkpoints, --resume)")
+    ptrain.add_argument("--config", required=True, help="configs/prior/NAME.yaml")
+    ptrain.add_argument("--export", help="the export store (overrides `export`)")
+    ptrain.add_argument("--out", help="output directory (overrides `out`)")
+    ptrain.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.max_steps=100")
+    ptrain.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints and the same MLflow run")
+    ptrain.set_defaults(func=_cmd_prior_train)
+    psample = psub.add_parser("sample", help="samples of a prior decoded by the VQ-VAE: PNG grids (and MLflow)")
+    psample.add_argument("--prior", required=True, help="the prior's directory (prior train --out)")
+    psample.add_argument("--out", required=True, help="where the PNG grids go")
+    psample.add_argument("--n", type=int, help="number of samples (overrides sample.n)")
+    psample.add_argument("--temperature", type=float, help="softmax temperature (overrides sample.temperature)")
+    psample.add_argument("--top-k", type=int, help="draw among the k likeliest codes (overrides sample.top_k)")
+    psample.add_argument("--export", help="the store whose model decodes (default: the prior's own)")
+    psample.add_argument("--seed", type=int, help="sampling seed (default: the prior config's)")
+    psample.set_defaults(func=_cmd_prior_sample)
+    pscore = psub.add_parser("score", help="per-study bits per code as new columns of the export index")
+    pscore.add_argument("--prior", required=True, help="the prior's directory")
+    pscore.add_argument("--export", required=True, help="the store to score")
+    pscore.add_argument("--flag-quantile", type=float, help="flag studies less likely than 1-q of the training split's")
+    pscore.add_argument("--heatmaps", type=int, default=0, help="write heat maps of the N least likely studies")
+    pscore.add_argument("--heatmap-dir", help="where the heat maps go (default EXPORT/prior_heatmaps)")
+    pscore.add_argument("--batch-size", type=int, default=128)
+    pscore.set_defaults(func=_cmd_prior_score)
+    pqa = psub.add_parser("qa", help="AUROC of the likelihood at telling real test films from corrupted ones")
+    pqa.add_argument("--config", required=True, help="configs/benchmark/qa.yaml")
+    pqa.add_argument("--set", action="append", metavar="KEY=VALUE")
+    pqa.add_argument("--out", help="output directory (overrides `out`)")
+    pqa.set_defaults(func=_cmd_prior_qa)
 
     bench = sub.add_parser("benchmark", help="low-label benchmark of few-label classifiers on an export")
     bench.add_argument("--config", required=True, help="configs/benchmark/NAME.yaml")

@@ -142,18 +142,44 @@ class ObjectiveConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The optimisation loop.
+class LoopConfig:
+    """What every optimisation loop has (pretraining's ``TrainConfig``, the prior's ``PriorTrainConfig``).
 
     Args:
-        epochs: passes over the training images.
+        epochs: passes over the training data.
         max_steps: stop after this many optimiser steps (``None`` = epochs decide).
         max_minutes: wall-clock budget; training stops cleanly at the end of the step that passes it.
-        batch_size: images per optimiser step per process.
+        batch_size: examples per optimiser step per process.
         lr: peak learning rate (AdamW).
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up before cosine decay.
         grad_clip: clip the gradient norm to this value (``None`` = off).
+    """
+
+    epochs: int = 10
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float | None = 1.0
+
+    def validate_loop(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
+        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0 or null")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """The pretraining loop: :class:`LoopConfig`'s fields (``batch_size`` counts images) and
+
+    Args:
         num_workers: DataLoader workers (more than 1 slows a 2-core machine).
         threads: torch intra-op threads; ``None`` = the number of usable cores.
         amp: mixed precision on CUDA (``bf16``/``fp16``/``off``); always off on CPU, where bf16 is ~25x slower.
@@ -167,14 +193,6 @@ class TrainConfig:
             these steps (0 = the random initialisation), e.g. for a pretraining-compute curve.
     """
 
-    epochs: int = 10
-    max_steps: int | None = None
-    max_minutes: float | None = None
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    grad_clip: float | None = 1.0
     num_workers: int = 0
     threads: int | None = None
     amp: str = "bf16"
@@ -187,11 +205,7 @@ class TrainConfig:
     keep_checkpoints_at: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
-        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0 or null")
-        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        self.validate_loop()
         _check(self.amp in ("bf16", "fp16", "off"), "train.amp", f"must be bf16, fp16 or off, got {self.amp!r}")
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
         _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
@@ -746,4 +760,203 @@ class BenchmarkConfig:
         self.cnn.validate()
         self.baselines.validate()
         self.metrics.validate()
+        self.tracking.validate()
+
+
+@dataclass
+class PriorNetConfig:
+    """The prior's transformer (MONAI ``DecoderOnlyTransformer``, one per code level).
+
+    Args:
+        attn_layers_dim: width of the attention layers.
+        attn_layers_depth: transformer blocks.
+        attn_layers_heads: attention heads (must divide ``attn_layers_dim``).
+        embedding_dropout_rate: dropout on the token + position embeddings while training.
+        ordering: how a code map becomes a sequence (MONAI ``Ordering``): ``raster_scan``, ``s_curve`` or ``random``.
+    """
+
+    attn_layers_dim: int = 64
+    attn_layers_depth: int = 2
+    attn_layers_heads: int = 4
+    embedding_dropout_rate: float = 0.1
+    ordering: str = "raster_scan"
+
+    def validate(self) -> None:
+        _check(self.attn_layers_dim >= 8, "net.attn_layers_dim", f"must be >= 8, got {self.attn_layers_dim}")
+        _check(self.attn_layers_depth >= 1, "net.attn_layers_depth", f"must be >= 1, got {self.attn_layers_depth}")
+        _check(self.attn_layers_heads >= 1 and self.attn_layers_dim % self.attn_layers_heads == 0, "net.attn_layers_heads",
+               f"must divide attn_layers_dim ({self.attn_layers_dim}), got {self.attn_layers_heads}")
+        _check(0.0 <= self.embedding_dropout_rate < 1.0, "net.embedding_dropout_rate", "must be in [0, 1)")
+        _check(self.ordering in ("raster_scan", "s_curve", "random"), "net.ordering",
+               f"must be raster_scan, s_curve or random, got {self.ordering!r}")
+
+
+@dataclass
+class PriorTrainConfig(LoopConfig):
+    """The prior's optimisation loop: :class:`LoopConfig`'s fields (``batch_size`` counts code maps; the learning
+    rate decays to 5% of ``lr``) and
+
+    Args:
+        val_fraction: share of the training split's patients held out for validation bits per code.
+        val_every: validate every this many steps (and at the end).
+        log_every: log the training loss every this many steps.
+        checkpoint_every: checkpoint every this many steps (and at the end).
+        threads: torch threads (``None``: every usable core).
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    val_fraction: float = 0.05
+    val_every: int = 100
+    log_every: int = 10
+    checkpoint_every: int = 50
+    threads: int | None = None
+    device: str = "auto"
+
+    def validate(self) -> None:
+        self.validate_loop()
+        _check(0.0 < self.val_fraction < 0.5, "train.val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+        for key in ("val_every", "log_every", "checkpoint_every"):
+            _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
+        _check(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class PriorSampleConfig:
+    """Samples of the prior, decoded through the VQ-VAE.
+
+    Args:
+        n: samples drawn (``vqmed prior sample --n`` overrides it).
+        temperature: softmax temperature (< 1 sharper, > 1 more varied).
+        top_k: draw only among the k likeliest codes (``None``: all).
+        real: real studies of ``real_split`` shown beside the samples (their code maps decoded).
+        real_split: the split the real studies come from.
+    """
+
+    n: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    real: int = 8
+    real_split: str = "test"
+
+    def validate(self) -> None:
+        _check(self.n >= 1, "sample.n", f"must be >= 1, got {self.n}")
+        _check(self.temperature > 0, "sample.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.top_k is None or self.top_k >= 1, "sample.top_k", "must be >= 1 or null")
+        _check(self.real >= 0, "sample.real", "must be >= 0")
+
+
+@dataclass
+class PriorConfig:
+    """A prior over an export's code maps: ``vqmed prior train --config configs/prior/NAME.yaml``.
+
+    Args:
+        name: MLflow run name.
+        seed: seeds the validation patients, the batch order, dropout and the samples.
+        export: the export store (``--export`` overrides it).
+        out: output directory (``--out``): checkpoints, ``final.pt``, ``summary.json``, figures.
+        split: the store split the prior learns from (its patients also give the validation part).
+        net: the transformer.
+        train: the optimisation loop.
+        sample: the samples logged at the end of training and by ``vqmed prior sample``.
+        tracking: MLflow experiment and store.
+    """
+
+    name: str = "prior"
+    seed: int = 0
+    export: str | None = None
+    out: str = "runs/prior"
+    split: str = "train"
+    net: PriorNetConfig = field(default_factory=PriorNetConfig)
+    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+    sample: PriorSampleConfig = field(default_factory=PriorSampleConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="vqmed-prior", log_model=False))
+
+    def validate(self) -> None:
+        _check(self.export is not None, "export", "is required (in the YAML file or as --export)")
+        _check(self.split != "test", "split", "the prior never learns from the test split")
+        self.net.validate()
+        self.train.validate()
+        self.sample.validate()
+        self.tracking.validate()
+
+
+@dataclass
+class QASourceConfig:
+    """Non-chest images of the QA benchmark, one source.
+
+    Args:
+        manifest: a manifest CSV (paths relative to ``data_root``).
+        pydicom_files: names of files of the ``pydicom-data`` package (``pydicom.data.get_testdata_file``),
+            instead of a manifest.
+        data_root: root of the manifest paths (``None``: the benchmark's ``data_root``).
+        max_images: use the first this many readable rows (``None``: all).
+    """
+
+    manifest: str | None = None
+    pydicom_files: list[str] = field(default_factory=list)
+    data_root: str | None = None
+    max_images: int | None = None
+
+    def validate(self, key: str) -> None:
+        _check((self.manifest is None) != (not self.pydicom_files), key, "needs exactly one of manifest or pydicom_files")
+        if self.manifest is not None:
+            _check(Path(self.manifest).is_file(), f"{key}.manifest", f"file not found: {self.manifest}")
+        _check(self.max_images is None or self.max_images >= 1, f"{key}.max_images", "must be >= 1 or null")
+
+
+@dataclass
+class QAConfig:
+    """The prior's quality-control benchmark: real test films vs corrupted copies and non-chest images.
+
+    ``python pipelines/prior_qa.py --config configs/benchmark/qa.yaml`` trains the prior (``prior_config``)
+    when ``prior`` holds none yet, then runs ``vqmed prior qa``.
+
+    Args:
+        name: MLflow run name.
+        export: the export store whose test split is scored (``--set export=...``).
+        prior: the prior's directory (``vqmed prior train --out``).
+        prior_config: the prior config the pipeline trains with when ``prior`` holds no prior yet.
+        seed: seeds the reference images drawn from the training split.
+        out: output directory: ``qa.csv``, ``qa.md``, ``qa.json``, ``qa_auroc.png``.
+        data_root: root of the store's image paths (``None``: ``VQMED_DATA_ROOT`` or ``../shared/data``).
+        test_split: the store split whose real films are corrupted and scored.
+        reference_split: split the mean-intensity baseline's reference comes from (never the test split).
+        reference_images: images of ``reference_split`` giving that reference.
+        corruptions: corruptions of the real films, names of ``vqmed.prior.qa.CORRUPT`` (``inverted``, ``rotated_90``,
+            ``rotated_180``, ``flipped``, ``cropped``: the film's upper-left quarter, resized back to full size);
+            ``None``: every one.
+        non_chest: name -> :class:`QASourceConfig`: non-chest images scored as they are.
+        batch_size: images per encoder / prior call.
+        tracking: MLflow experiment and store.
+    """
+
+    name: str = "prior-qa"
+    export: str | None = None
+    prior: str = "runs/prior"
+    prior_config: str = "configs/prior/cxr_64.yaml"
+    seed: int = 0
+    out: str = "runs/prior_qa"
+    data_root: str | None = None
+    test_split: str = "test"
+    reference_split: str = "train"
+    reference_images: int = 256
+    corruptions: list[str] | None = None
+    non_chest: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="vqmed-prior-qa", log_model=False))
+
+    def validate(self) -> None:
+        _check(self.export is not None, "export", "is required (in the YAML file or as --set export=DIR)")
+        _check(self.reference_split != self.test_split, "reference_split", "must differ from test_split")
+        _check(self.reference_images >= 1, "reference_images", "must be >= 1")
+        # The QA room's registry is the one home of the corruption names (imported here, not copied).
+        from vqmed.prior.qa import CORRUPT
+
+        for i, name in enumerate(self.corruptions or []):
+            _check(name in CORRUPT, f"corruptions[{i}]", f"must be one of {list(CORRUPT)}, got {name!r}")
+        _check(self.corruptions != [] or len(self.non_chest) > 0, "corruptions", "needs a corruption or a non_chest source")
+        for name, raw in self.non_chest.items():
+            self.non_chest[name] = source = raw if isinstance(raw, QASourceConfig) else from_dict(QASourceConfig, raw, f"non_chest.{name}")
+            source.validate(f"non_chest.{name}")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         self.tracking.validate()

@@ -4,8 +4,9 @@ Owns where runs are stored (the project's local sqlite store ``mlflow.db`` with 
 unless ``MLFLOW_TRACKING_URI`` says otherwise), experiment set-up, logging of flattened configs, NaN-safe
 metrics, figures and images, de-identified dataset inputs (digest + counts, never patient data), the
 figures every stage logs (reconstruction grid and per-epoch GIF, loss curves, codebook usage, label
-efficiency), the run lifecycle and artifacts (``runs``: start/end, tags, files, models), the reachability check of a tracking server,
-a server that dies mid-run (``resilience``: logging degrades with one warning, a local backlog sent when it is back), and serving MLflow's UI (``vqmed ui``).
+efficiency; the prior's sample rows, likelihood heat maps and QA AUROC bars), the run lifecycle and artifacts (``runs``: start/end, tags,
+files, models), the reachability check of a tracking server, a server that dies mid-run (``resilience``: logging degrades with
+one warning, a local backlog sent when it is back), and serving MLflow's UI (``vqmed ui``).
 """
 
 from vqmed.tracking.curves import compute_curve_plot, log_compute_curve
@@ -30,6 +31,7 @@ from vqmed.tracking.mlflow_utils import (
     psnr,
     setup_mlflow,
 )
+from vqmed.tracking.prior_figures import image_rows, likelihood_heatmap, qa_auroc_plot
 from vqmed.tracking.runs import (
     download_artifact,
     end_run,
@@ -55,7 +57,9 @@ __all__ = [
     "download_artifact",
     "end_run",
     "flatten_params",
+    "image_rows",
     "label_efficiency_plot",
+    "likelihood_heatmap",
     "local_artifact_root",
     "log_artifact",
     "log_compute_curve",
@@ -70,6 +74,7 @@ __all__ = [
     "manifest_digest",
     "metric_key",
     "psnr",
+    "qa_auroc_plot",
     "reconstruction_gif",
     "reconstruction_grid",
     "serve_ui",
