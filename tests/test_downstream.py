@@ -296,6 +296,37 @@ def test_validation_mode_scores_the_listed_patients_and_never_reads_the_test_spl
     assert test_summary["evaluated_on"] == "test" and test_summary["n_test"] == int((~train).sum())
 
 
+def test_draws_and_folds_do_not_depend_on_the_id_salt(kermany: dict) -> None:
+    """The store's patient keys are hashes salted per installation; the same seed must still draw the same
+    labeled images and folds on every machine, or no benchmark would repeat elsewhere."""
+    from vqmed.data.privacy import salted_id
+    from vqmed.downstream.engine import prepare_rows
+
+    cfg = _tiny_cfg()
+    picked = []
+    for salt in ("salt-of-one-machine", "salt-of-another"):
+        index = kermany["index"].assign(patient_id=[salted_id("patient", p, salt) for p in kermany["groups"]])
+        data = prepare_rows(index, cfg)
+        runs = []
+        for budget in make_budgets([0.01, 0.1], [10]):
+            for draw in range(3):
+                sub = draw_labeled_subset(data["y_train"], data["groups_train"], budget, seed=0, draw=draw)
+                folds = make_folds(data["y_train"][sub], data["groups_train"][sub], 3, seed=draw)
+                runs.append((data["train_rows"][sub].tolist(), [te.tolist() for _, te in folds]))
+        picked.append(runs)
+        # still grouped by patient: the numbers split exactly where the patients do
+        train = data["train_rows"]
+        assert len(np.unique(data["groups_train"])) == len(np.unique(kermany["groups"][train]))
+    assert picked[0] == picked[1]
+    # the old order (sorted salted keys) did depend on the salt: the check above is not vacuous
+    sorted_draws = [
+        draw_labeled_subset(kermany["y"][kermany["train"]], np.asarray([salted_id("patient", p, salt) for p in kermany["groups"][kermany["train"]]]),
+                            Budget("fraction", 0.01), seed=0, draw=0).tolist()
+        for salt in ("salt-of-one-machine", "salt-of-another")
+    ]
+    assert sorted_draws[0] != sorted_draws[1]
+
+
 def test_validation_config_errors_are_clear(kermany: dict, tmp_path: Path) -> None:
     from vqmed.downstream.engine import prepare_rows
 

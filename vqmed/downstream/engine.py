@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 Task = tuple[Budget, int, str]
 
-__all__ = ["DrawContext", "Task", "draw_runner", "limited_threads", "prepare_rows"]
+__all__ = ["DrawContext", "Task", "draw_runner", "limited_threads", "patient_numbers", "prepare_rows"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,8 +94,21 @@ def prepare_rows(index: pd.DataFrame, cfg: BenchmarkConfig, validation_keys: set
         "test_rows": test_rows,
         "y_train": y[train_rows],
         "y_test": y[test_rows],
-        "groups_train": groups[train_rows],
+        "groups_train": patient_numbers(groups)[train_rows],
     }
+
+
+def patient_numbers(groups: np.ndarray) -> np.ndarray:
+    """Each row's patient as a number in order of first appearance in the index (the manifest's order).
+
+    The draws and the cross-validation folds order patients by these numbers, not by the store's patient
+    keys: those are hashes salted per installation, and sorting them would give every machine (every id
+    salt) other label draws for the same seed, so a benchmark would not repeat on another machine.
+    """
+    _, first_row, patient = np.unique(np.asarray(groups).astype(str), return_index=True, return_inverse=True)
+    number_of = np.empty(len(first_row), dtype=np.int64)
+    number_of[np.argsort(first_row, kind="stable")] = np.arange(len(first_row))
+    return number_of[patient.reshape(-1)]
 
 
 def _derive_seed(*parts: Any) -> int:
