@@ -6,6 +6,7 @@ identifiers written into its header, and the MNI152 brain template as a 3D NIfTI
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -524,20 +525,24 @@ def test_torchrun_ranks_write_disjoint_shards_merged_at_load(exported, checkpoin
     read_manifest(small_manifest).head(96).to_csv(few, index=False)
     script = tmp_path / "ddp_export.py"
     script.write_text(
-        "import sys, torch\n"
+        "import json, os, sys, torch\n"
         "torch.set_num_threads(1)\n"
         "from vqmed.export import export_manifest\n"
         "s = export_manifest(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], batch_size=16, progress=False,\n"
         "                    shard_size=20, device='cpu')\n"
-        "print('SUMMARY', s['exported'], s['index_rows'])\n"
+        # One file per rank: two ranks printing to one pipe interleave their lines.
+        "with open(sys.argv[5] + '-' + os.environ['RANK'] + '.json', 'w') as f:\n"
+        "    json.dump({'exported': s['exported'], 'index_rows': s['index_rows']}, f)\n"
     )
     out = tmp_path / "ddp"
     env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(checkpoint), str(few), str(out), str(data_root)]
+           str(checkpoint), str(few), str(out), str(data_root), str(tmp_path / "summary")]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "SUMMARY 96 96" in result.stdout  # counts all-reduced over ranks; rank 0 wrote the merged index
+    summaries = [json.loads((tmp_path / f"summary-{rank}.json").read_text()) for rank in (0, 1)]
+    # counts are all-reduced over ranks; only rank 0 writes (and counts) the merged index
+    assert summaries == [{"exported": 96, "index_rows": 96}, {"exported": 96, "index_rows": None}]
 
     store = load(out)
     index = store.index
