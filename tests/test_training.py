@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,6 +145,50 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cache, fi
     for checkpoint in ckpt_dir.glob("*.pt"):
         load_checkpoint(checkpoint)
     # Resumed at the exact batch: same data order, so the same weights as the uninterrupted run.
+    a = load_checkpoint(Path(summary["checkpoint"]))["model_state"]
+    b = load_checkpoint(Path(reference["checkpoint"]))["model_state"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)
+
+
+def test_sigterm_to_the_process_group_checkpoints_then_resumes(tmp_path, cache, finished_run):
+    """A batch scheduler's stop: SIGTERM to the whole process group, DataLoader workers included. The run
+    checkpoints at a step boundary, exits 128 + SIGTERM, and ``--resume`` ends where an uninterrupted run ends."""
+    _, reference = finished_run
+    config = tiny_config(tmp_path, cache, num_workers=1)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    process = subprocess.Popen([sys.executable, "-m", "vqmed", "pretrain", "--config", str(config)], cwd=ROOT,
+                               env={**os.environ, "CI": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            found = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+            if found and found[0]["step"] >= 4:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "run ended before it could be stopped: " + process.stderr.read()[-2000:]
+        # The group's signal reaches the worker before the main process has acted on its own copy (what decides
+        # the race when a step is long): the worker must survive it rather than take the run down.
+        workers = [int(pid) for tasks in Path(f"/proc/{process.pid}/task").glob("*/children")
+                   for pid in tasks.read_text().split()]
+        assert workers, "no DataLoader worker found"
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(1.0)
+        os.killpg(process.pid, signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "DataLoader worker" not in stderr
+    stopped = re.search(r"stopped by signal 15 at step (\d+)", stdout)
+    assert stopped, stdout[-2000:]
+    assert latest_checkpoint(ckpt_dir)[0]["step"] == int(stopped.group(1)) < reference["steps"]
+    run_pretrain(config, "--resume")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == reference["steps"] and summary["epochs"] == reference["epochs"]
+    # Workers do not change what a batch holds: the weights match the single-process, uninterrupted run.
     a = load_checkpoint(Path(summary["checkpoint"]))["model_state"]
     b = load_checkpoint(Path(reference["checkpoint"]))["model_state"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)

@@ -15,7 +15,7 @@ import torch
 from vqmed.config import ConfigError, PretrainConfig
 from vqmed.networks import MODELS
 
-__all__ = ["History", "StopRequest", "lr_at", "model_arguments", "seed_everything"]
+__all__ = ["History", "StopRequest", "leave_stop_signals_to_main", "lr_at", "model_arguments", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -66,6 +66,19 @@ class StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def leave_stop_signals_to_main(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker ignores SIGINT and SIGTERM, so the main process alone stops the run.
+
+    A batch scheduler (or Ctrl-C in a terminal) signals the whole process group. Left to torch's worker
+    handlers, a worker dies of that SIGTERM, and the main process fails with "DataLoader worker ... is killed
+    by signal" before its own handler can checkpoint. Ignoring the signal here keeps the workers alive until
+    the main process, after its checkpoint, shuts them down as at any epoch end. An orphaned worker still
+    exits: torch's worker loop watches its parent.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass

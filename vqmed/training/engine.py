@@ -45,7 +45,8 @@ from vqmed.models_io.runtime import (
 )
 from vqmed.networks import build_model
 from vqmed.tracking import check_tracking_server
-from vqmed.training.control import History, StopRequest, lr_at, model_arguments, seed_everything
+from vqmed.training.control import (History, StopRequest, leave_stop_signals_to_main, lr_at, model_arguments,
+                                    seed_everything)
 from vqmed.training.evaluation import codebook_stats, final_figures, validate
 from vqmed.training.objectives import Objective, build_objective
 
@@ -160,6 +161,7 @@ class Trainer:
             # A private generator: creating an iterator must not draw from the global RNG, or a resumed
             # run would see a shifted random stream (codebook restarts) compared with an uninterrupted one.
             generator=torch.Generator(),
+            worker_init_fn=leave_stop_signals_to_main,
         )
         self.steps_per_epoch = len(self.sampler) // cfg.train.batch_size
         planned = cfg.train.epochs * self.steps_per_epoch
