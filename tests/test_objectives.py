@@ -83,6 +83,30 @@ def test_every_objective_learns_and_uses_the_codebook(name, views):
         assert end < 0.8 * start, f"VICReg term did not fall ({start:.3f} -> {end:.3f})"
 
 
+def test_vicreg_can_decode_the_first_view_only(views):
+    """``reconstruct: first`` decodes one view of each image instead of two; the VICReg term, which needs both
+    views through the encoder only, is the same as with ``both``, and the objective still learns."""
+    torch.manual_seed(0)
+    model = build_model("vqvae", spatial_dims=2, in_channels=1, out_channels=1, **TINY).eval()
+    decoded = []
+    hook = model.decoder.register_forward_hook(lambda _m, i, _o: decoded.append(i[0].shape[0]))
+    batch = views[:8]
+    both = build_objective("vicreg", {"reconstruct": "both"}, model, (1, 32, 32)).eval()
+    first = build_objective("vicreg", {"reconstruct": "first"}, model, (1, 32, 32)).eval()
+    first.load_state_dict(both.state_dict())
+    _, from_both = both(model, batch)
+    _, from_first = first(model, batch)
+    hook.remove()
+    assert decoded == [16, 8]
+    for term in ("vicreg_invariance", "vicreg_variance", "vicreg_covariance"):
+        assert torch.allclose(from_both[term], from_first[term], atol=1e-6), term
+    assert torch.equal(from_first["recon_mse"], vqvae_loss(model, batch[:, 0])[1]["recon_mse"])
+    history, model = _train("vicreg", {"reconstruct": "first"}, views)
+    assert sum(h["recon_mse"] for h in history[-5:]) < 0.7 * sum(h["recon_mse"] for h in history[:5])
+    assert sum(h["vicreg"] for h in history[-5:]) < 0.8 * sum(h["vicreg"] for h in history[:5])
+    assert model.quantizer.stats()["usage_fraction"] > 0.3
+
+
 def test_masked_objective_drops_hidden_patches_from_a_vit(views):
     """With the ViT VQ-VAE the masked objective hides patches by dropping their tokens (MAE): the encoder sees
     only the visible quarter, the objective's mask token is trained, and the reconstruction improves."""
@@ -135,6 +159,7 @@ def test_objective_config_errors_name_the_key(tmp_path):
         ({"name": "simclr"}, "objective.name"),
         ({"name": "vicreg", "params": {"wieght": 1.0}}, "objective.params: unknown key(s) ['wieght']"),
         ({"name": "vicreg", "params": {"stages": "first"}}, "objective.params.stages"),
+        ({"name": "vicreg", "params": {"reconstruct": "second"}}, "objective.params.reconstruct"),
         ({"name": "masked", "params": {"mask_ratio": 1.5}}, "objective.params.mask_ratio"),
         ({"name": "vicreg", "params": {"weight": "high"}}, "objective.params.weight"),
     ):

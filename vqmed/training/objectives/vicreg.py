@@ -38,6 +38,8 @@ class VICRegParams(ObjectiveParams):
         projector: hidden and output widths of the projector MLP (Linear-BatchNorm-ReLU between layers).
         stages: which encoder stages make the embedding: ``last`` (the deepest) or ``all``.
         augmentation: the augmentation chain of the two views (see ``vqmed.data.transforms``).
+        reconstruct: which views the VQ-VAE loss decodes: ``both``, or ``first`` (the second view only
+            goes through the encoder, which the VICReg term needs; one decoder pass fewer a step).
     """
 
     weight: float = 0.5
@@ -47,6 +49,7 @@ class VICRegParams(ObjectiveParams):
     projector: list[int] = field(default_factory=lambda: [1024, 1024])
     stages: str = "all"
     augmentation: str = "views"
+    reconstruct: str = "both"
 
     def validate(self) -> None:
         for key in ("weight", "invariance", "variance", "covariance"):
@@ -56,6 +59,8 @@ class VICRegParams(ObjectiveParams):
             raise ValueError(f"projector must list positive widths, got {self.projector}")
         if self.stages not in ("last", "all"):
             raise ValueError(f"stages must be 'last' or 'all', got {self.stages!r}")
+        if self.reconstruct not in ("both", "first"):
+            raise ValueError(f"reconstruct must be 'both' or 'first', got {self.reconstruct!r}")
 
 
 def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-4) -> dict[str, torch.Tensor]:
@@ -118,15 +123,25 @@ class VICReg(Objective):
         stages = model.feature_stages()
         return stages[-1:] if self.params.stages == "last" else stages
 
-
     def forward(self, model: nn.Module, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        # rows 2i and 2i+1 are the two views of image i; one pass for both (a view, no copy)
-        x = views.reshape(-1, *views.shape[2:])
-        with stage_outputs(self._stages(model)) as caught:
-            vq_loss, terms, _ = vqvae_loss(model, x)
-        z = self.projector(torch.cat([_pool_stats(f) for f in caught], dim=1))
-        parts = vicreg_terms(z[0::2], z[1::2])
         p = self.params
+        stages = self._stages(model)
+        if p.reconstruct == "both":
+            # rows 2i and 2i+1 are the two views of image i; one pass for both (a view, no copy)
+            with stage_outputs(stages, _pool_stats) as caught:
+                vq_loss, terms, _ = vqvae_loss(model, views.reshape(-1, *views.shape[2:]))
+            z = self.projector(torch.cat(caught, dim=1))
+            first, second = z[0::2], z[1::2]
+        else:
+            with stage_outputs(stages, _pool_stats) as caught:
+                vq_loss, terms, _ = vqvae_loss(model, views[:, 0])
+                model.encode(views[:, 1])
+            # caught: the first view's stages, then the second's; one projector pass, so its BatchNorm sees
+            # both views together as in the ``both`` layout
+            n = len(stages)
+            z = self.projector(torch.cat([torch.cat(caught[:n], dim=1), torch.cat(caught[n:], dim=1)], dim=0))
+            first, second = z.chunk(2)
+        parts = vicreg_terms(first, second)
         vic = p.invariance * parts["invariance"] + p.variance * parts["variance"] + p.covariance * parts["covariance"]
         loss = vq_loss + p.weight * vic
         return loss, {"loss": loss, **terms, "vicreg": vic, **{f"vicreg_{k}": v for k, v in parts.items()}}
