@@ -51,18 +51,23 @@ def run_pretrain(config: Path, *extra: str, env: dict | None = None, check: bool
     return result
 
 
+def wait_for_checkpoint(process: subprocess.Popen, ckpt_dir: Path, step: int) -> None:
+    """Return once the running ``process`` has a checkpoint of at least ``step``; fail if it ended first."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        found = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+        if found and found[0]["step"] >= step:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "run ended before it could be stopped: " + process.stderr.read()[-2000:]
+
+
 def sigkill_after_checkpoint(config: Path, ckpt_dir: Path, step: int, *extra: str) -> None:
     """Start ``vqmed pretrain`` and SIGKILL it once a checkpoint of at least ``step`` exists."""
-    process = subprocess.Popen([sys.executable, "-m", "vqmed", "pretrain", "--config", str(config), *extra],
-                               cwd=ROOT, env={**os.environ, "CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
+    process = subprocess.Popen([sys.executable, "-m", "vqmed", "pretrain", "--config", str(config), *extra], cwd=ROOT,
+                               env={**os.environ, "CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        while time.monotonic() < deadline and process.poll() is None:
-            found = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
-            if found and found[0]["step"] >= step:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "run ended before it could be killed: " + process.stderr.read().decode()[-2000:]
+        wait_for_checkpoint(process, ckpt_dir, step)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
@@ -160,13 +165,7 @@ def test_sigterm_to_the_process_group_checkpoints_then_resumes(tmp_path, cache, 
                                env={**os.environ, "CI": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and process.poll() is None:
-            found = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
-            if found and found[0]["step"] >= 4:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "run ended before it could be stopped: " + process.stderr.read()[-2000:]
+        wait_for_checkpoint(process, ckpt_dir, step=4)
         # The group's signal reaches the worker before the main process has acted on its own copy (what decides
         # the race when a step is long): the worker must survive it rather than take the run down.
         workers = [int(pid) for tasks in Path(f"/proc/{process.pid}/task").glob("*/children")
