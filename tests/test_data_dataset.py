@@ -19,6 +19,7 @@ import torch
 from pydicom.uid import UID
 
 from vqmed.data import ImageDataset, ImageSpec, UnreadableImageError, load_image, read_manifest, resolve_data_root
+from vqmed.data.transforms import SeededAugmentation, augment_transform
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -264,6 +265,21 @@ def test_augmentation_is_mild_random_and_in_range(kermany, data_root, tmp_path):
     corr = [np.corrcoef(v.ravel().numpy(), o.ravel().numpy())[0, 1] for v, o in zip(views, originals)]
     assert sum(c < 0.999 for c in corr) >= 20  # random: most views are changed
     assert np.median(corr) > 0.9 and min(corr) > 0.6  # mild: still the same radiograph
+
+
+@pytest.mark.parametrize("name", ["views", "mild"])
+def test_seeded_augmentation_draws_what_monai_set_random_state_draws(kermany, data_root, tmp_path, name):
+    """The in-place reseeding (and the chain run without MetaTensor tracking) must not change a single pixel of
+    any draw: the recorded tables and a resumed run depend on the augmentation stream."""
+    spec = ImageSpec(64)
+    plain = ImageDataset(_spread(kermany, 6), data_root, spec, cache_dir=tmp_path / "c", progress=False)
+    monai_chain, seeded = augment_transform(spec, name), SeededAugmentation(augment_transform(spec, name))
+    for i in range(60):
+        img, draw = plain[i % 6]["image"], int(np.random.SeedSequence([0, 1, i]).generate_state(1)[0])
+        expected = monai_chain.set_random_state(seed=draw)({"image": img.clone()})["image"]
+        got = seeded({"image": img.clone()}, draw)["image"]
+        assert type(got) is torch.Tensor and torch.equal(got, expected), f"draw {i} differs"
+    assert not torch.equal(seeded({"image": img}, 1)["image"], seeded({"image": img}, 2)["image"])
 
 
 def test_dataloader_workers_read_the_memory_map(kermany, data_root, tmp_path):

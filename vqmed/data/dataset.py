@@ -17,7 +17,13 @@ from vqmed.data.errors import UnreadableImageError
 from vqmed.data.privacy import resolve_salt, salted_id
 from vqmed.data.progress import progress_bar
 from vqmed.data.readers import DEFAULT_MAX_PIXELS, check_source, detect_format, safe_path
-from vqmed.data.transforms import ImageSpec, augment_transform, deterministic_transform, run_transform
+from vqmed.data.transforms import (
+    ImageSpec,
+    SeededAugmentation,
+    augment_transform,
+    deterministic_transform,
+    run_transform,
+)
 
 
 @dataclass
@@ -169,7 +175,7 @@ class ImageDataset(Dataset):
         if views < 1:
             raise ValueError(f"views must be >= 1, got {views}")
         self.views = int(views)
-        self._augment_tf = augment_transform(spec, augmentation) if augment else None
+        self._augment_tf = SeededAugmentation(augment_transform(spec, augmentation)) if augment else None
         self._augment_epoch = (0, 0)
 
     # ------------------------------------------------------------------ construction helpers
@@ -269,8 +275,8 @@ class ImageDataset(Dataset):
         if self._augment_tf is None:
             return img
         seed, epoch = self._augment_epoch
-        self._augment_tf.set_random_state(seed=int(np.random.SeedSequence([seed, epoch, *key]).generate_state(1)[0]))
-        return self._augment_tf({"image": img})["image"].clamp_(0.0, 1.0)
+        draw = int(np.random.SeedSequence([seed, epoch, *key]).generate_state(1)[0])
+        return self._augment_tf({"image": img}, draw)["image"].clamp_(0.0, 1.0)
 
 
 def _frames(manifest: pd.DataFrame) -> list[int | None]:
