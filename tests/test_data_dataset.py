@@ -16,6 +16,7 @@ import pandas as pd
 import pydicom
 import pytest
 import torch
+from monai.transforms import Compose, RandGaussianNoised
 from pydicom.uid import UID
 
 from vqmed.data import ImageDataset, ImageSpec, UnreadableImageError, load_image, read_manifest, resolve_data_root
@@ -279,7 +280,27 @@ def test_seeded_augmentation_draws_what_monai_set_random_state_draws(kermany, da
         expected = monai_chain.set_random_state(seed=draw)({"image": img.clone()})["image"]
         got = seeded({"image": img.clone()}, draw)["image"]
         assert type(got) is torch.Tensor and torch.equal(got, expected), f"draw {i} differs"
+    assert seeded.in_place  # the fast path drew them, not MONAI's own call
     assert not torch.equal(seeded({"image": img}, 1)["image"], seeded({"image": img}, 2)["image"])
+
+
+class _NoiseSeedingItsInnerDifferently(RandGaussianNoised):
+    """Seeds its inner transform with seed + 1: reseeding everything with one seed would draw other noise."""
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        self.rand_gaussian_noise.set_random_state(None if seed is None else seed + 1, state)
+        return self
+
+
+def test_seeded_augmentation_keeps_monai_call_for_a_chain_it_cannot_reseed(kermany, data_root, tmp_path):
+    img = ImageDataset(_spread(kermany, 1), data_root, ImageSpec(64), cache_dir=tmp_path / "c", progress=False)[0]["image"]
+    chain = lambda: Compose([_NoiseSeedingItsInnerDifferently("image", prob=1.0, std=0.1)])  # noqa: E731
+    monai_chain, seeded = chain(), SeededAugmentation(chain())
+    assert not seeded.in_place
+    for draw in (5, 6, 7):
+        expected = monai_chain.set_random_state(seed=draw)({"image": img.clone()})["image"]
+        assert torch.equal(torch.as_tensor(seeded({"image": img.clone()}, draw)["image"]), torch.as_tensor(expected))
 
 
 def test_dataloader_workers_read_the_memory_map(kermany, data_root, tmp_path):
