@@ -340,15 +340,16 @@ class SeededAugmentation:
 
     def __init__(self, chain: Compose) -> None:
         self.chain = chain
+        subtrees = [(t, _randomizables(t)) for t in chain.transforms]
         # The generators set_random_state replaces are the ones it seeds: compare two calls.
         chain.set_random_state(seed=0)
-        before = {id(o): o.R for t in chain.transforms for o in _randomizables(t)}
+        before = {id(o): o.R for _, members in subtrees for o in members}
         chain.set_random_state(seed=1)
-        self._seeded = [[o for o in _randomizables(t) if o.R is not before[id(o)]]
-                        for t in chain.transforms if isinstance(t, Randomizable)]
+        self._seeded = [[o for o in members if o.R is not before[id(o)]]
+                        for t, members in subtrees if isinstance(t, Randomizable)]
         # A transform that seeds its inner generators some other way (not with its own seed) would draw
         # differently: such a chain keeps MONAI's own, slower call.
-        self.in_place = self._reseeds_like_monai(seed=20261203)
+        self.in_place = self._reseeds_like_monai([chain, *(o for _, members in subtrees for o in members)], seed=20261203)
 
     def __call__(self, data: dict[str, Any], seed: int) -> dict[str, Any]:
         """Apply the chain with the draw of ``chain.set_random_state(seed=seed)``."""
@@ -371,13 +372,14 @@ class SeededAugmentation:
             for o in group:
                 o.R.seed(inner)
 
-    def _reseeds_like_monai(self, seed: int) -> bool:
-        everything = [self.chain, *(o for t in self.chain.transforms for o in _randomizables(t))]
+    def _reseeds_like_monai(self, randomizables: list[Randomizable], seed: int) -> bool:
+        """Whether in-place reseeding leaves every generator in the state ``set_random_state(seed=seed)`` does."""
         self.chain.set_random_state(seed=seed)
-        expected = [o.R.get_state()[1].copy() for o in everything]
+        expected = [o.R.get_state()[1:3] for o in randomizables]  # (key array, position)
         self.chain.set_random_state(seed=seed + 1)
         self._reseed(seed)
-        return all(np.array_equal(o.R.get_state()[1], e) for o, e in zip(everything, expected))
+        return all(np.array_equal(o.R.get_state()[1], key) and o.R.get_state()[2] == pos
+                   for o, (key, pos) in zip(randomizables, expected))
 
 
 def _randomizables(obj: Any) -> list[Randomizable]:
