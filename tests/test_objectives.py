@@ -107,6 +107,52 @@ def test_vicreg_can_decode_the_first_view_only(views):
     assert model.quantizer.stats()["usage_fraction"] > 0.3
 
 
+def test_vicreg_can_decode_a_share_of_the_first_views(views):
+    """``decode_fraction: 0.25`` decodes the first view of a quarter of the images; the rest go through the encoder
+    alone, so the VICReg term (every image's two views) is the one ``reconstruct: first`` computes, and the
+    objective still learns and uses the codebook."""
+    torch.manual_seed(0)
+    model = build_model("vqvae", spatial_dims=2, in_channels=1, out_channels=1, **TINY).eval()
+    encoded, decoded = [], []
+    hooks = [model.encoder.register_forward_hook(lambda _m, i, _o: encoded.append(i[0].shape[0])),
+             model.decoder.register_forward_hook(lambda _m, i, _o: decoded.append(i[0].shape[0]))]
+    every = build_objective("vicreg", {"reconstruct": "first"}, model, (1, 32, 32)).eval()
+    share = build_objective("vicreg", {"reconstruct": "first", "decode_fraction": 0.25}, model, (1, 32, 32)).eval()
+    share.load_state_dict(every.state_dict())
+    encoded.clear()
+    _, from_every = every(model, views[:8])
+    _, from_share = share(model, views[:8])
+    for hook in hooks:
+        hook.remove()
+    assert encoded == [8, 8, 2, 6, 8] and decoded == [8, 2]
+    for term in ("vicreg_invariance", "vicreg_variance", "vicreg_covariance"):
+        assert torch.allclose(from_every[term], from_share[term], atol=1e-5), term
+    assert torch.equal(from_share["recon_mse"], vqvae_loss(model, views[:2, 0])[1]["recon_mse"])
+    history, model = _train("vicreg", {"reconstruct": "first", "decode_fraction": 0.25}, views)
+    assert sum(h["recon_mse"] for h in history[-5:]) < 0.7 * sum(h["recon_mse"] for h in history[:5])
+    assert sum(h["vicreg"] for h in history[-5:]) < 0.8 * sum(h["vicreg"] for h in history[:5])
+    assert model.quantizer.stats()["usage_fraction"] > 0.3
+
+
+def test_vicreg_second_view_can_be_a_smaller_crop(views):
+    """``second_view_scale: 0.5`` sends the second view through the encoder at half the side (a quarter of its
+    pixels) and never decodes it; the pooled embedding has the same width, and the objective still learns."""
+    torch.manual_seed(0)
+    model = build_model("vqvae", spatial_dims=2, in_channels=1, out_channels=1, **TINY).eval()
+    objective = build_objective("vicreg", {"reconstruct": "first", "second_view_scale": 0.5}, model, (1, 32, 32))
+    encoded, decoded = [], []
+    hooks = [model.encoder.register_forward_hook(lambda _m, i, _o: encoded.append(tuple(i[0].shape))),
+             model.decoder.register_forward_hook(lambda _m, i, _o: decoded.append(i[0].shape[0]))]
+    objective(model, views[:8])
+    for hook in hooks:
+        hook.remove()
+    assert encoded == [(8, 1, 32, 32), (8, 1, 16, 16)] and decoded == [8]
+    history, model = _train("vicreg", {"reconstruct": "first", "second_view_scale": 0.5}, views)
+    assert sum(h["recon_mse"] for h in history[-5:]) < 0.7 * sum(h["recon_mse"] for h in history[:5])
+    assert sum(h["vicreg"] for h in history[-5:]) < 0.8 * sum(h["vicreg"] for h in history[:5])
+    assert model.quantizer.stats()["usage_fraction"] > 0.3
+
+
 def test_masked_objective_drops_hidden_patches_from_a_vit(views):
     """With the ViT VQ-VAE the masked objective hides patches by dropping their tokens (MAE): the encoder sees
     only the visible quarter, the objective's mask token is trained, and the reconstruction improves."""
@@ -160,6 +206,10 @@ def test_objective_config_errors_name_the_key(tmp_path):
         ({"name": "vicreg", "params": {"wieght": 1.0}}, "objective.params: unknown key(s) ['wieght']"),
         ({"name": "vicreg", "params": {"stages": "first"}}, "objective.params.stages"),
         ({"name": "vicreg", "params": {"reconstruct": "second"}}, "objective.params.reconstruct"),
+        ({"name": "vicreg", "params": {"second_view_scale": 0.5}}, "objective.params.second_view_scale < 1 needs"),
+        ({"name": "vicreg", "params": {"second_view_scale": 0}}, "objective.params.second_view_scale"),
+        ({"name": "vicreg", "params": {"decode_fraction": 0.5}}, "objective.params.decode_fraction < 1 needs"),
+        ({"name": "vicreg", "params": {"reconstruct": "first", "decode_fraction": 1.5}}, "objective.params.decode_fraction"),
         ({"name": "masked", "params": {"mask_ratio": 1.5}}, "objective.params.mask_ratio"),
         ({"name": "vicreg", "params": {"weight": "high"}}, "objective.params.weight"),
     ):
