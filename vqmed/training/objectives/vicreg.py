@@ -69,15 +69,13 @@ class VICRegParams(ObjectiveParams):
             raise ValueError(f"stages must be 'last' or 'all', got {self.stages!r}")
         if self.reconstruct not in ("both", "first"):
             raise ValueError(f"reconstruct must be 'both' or 'first', got {self.reconstruct!r}")
-        if not 0 < self.second_view_scale <= 1:
-            raise ValueError(f"second_view_scale must be in (0, 1], got {self.second_view_scale}")
-        if self.second_view_scale < 1 and self.reconstruct != "first":
-            raise ValueError("second_view_scale < 1 needs reconstruct: first (a smaller view cannot be the decoder's "
-                             f"full-size target), got reconstruct: {self.reconstruct!r}")
-        if not 0 < self.decode_fraction <= 1:
-            raise ValueError(f"decode_fraction must be in (0, 1], got {self.decode_fraction}")
-        if self.decode_fraction < 1 and self.reconstruct != "first":
-            raise ValueError(f"decode_fraction < 1 needs reconstruct: first, got reconstruct: {self.reconstruct!r}")
+        # both shrink what ``reconstruct: first`` leaves undecoded; with ``both`` every view is a decoder target
+        for key in ("second_view_scale", "decode_fraction"):
+            value = getattr(self, key)
+            if not 0 < value <= 1:
+                raise ValueError(f"{key} must be in (0, 1], got {value}")
+            if value < 1 and self.reconstruct != "first":
+                raise ValueError(f"{key} < 1 needs reconstruct: first, got reconstruct: {self.reconstruct!r}")
 
 
 def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-4) -> dict[str, torch.Tensor]:
