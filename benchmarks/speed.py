@@ -22,9 +22,9 @@ Sections of the table and of the JSON:
   the issue's measure) and :func:`vqmed.export.compute_features` (what ``vqmed export`` runs per batch)
   for both, each contender in its training precision and memory format, without ``torch.compile``.
   ``ratio`` = vqmed's export features / the baseline's ``index_quantize`` (vqmed does more work).
-* ``data``: one epoch of N images through vqmed's ``ImageDataset`` + ``DataLoader`` (augmentation and
-  worker count of the config) with a cold cache (fresh folder: decode + write) and a warm one; and the
-  share of each training step spent waiting for data (``epoch/data_wait_fraction`` of a real short
+* ``data``: one epoch of N images through vqmed's ``ImageDataset`` + ``DataLoader`` (worker count of the
+  config) and the objective's batched augmentation, with a cold cache (fresh folder: decode + write) and a
+  warm one; and the share of each training step spent waiting for data (``epoch/data_wait_fraction`` of a real short
   pretrain run, read from its checkpoint history), epoch 1 apart from the later epochs.
 * ``memory``: peak memory of every contender's process (CPU: ``ru_maxrss``; CUDA:
   ``torch.cuda.max_memory_allocated``), for training, encoding and the real training run.
@@ -32,8 +32,8 @@ Sections of the table and of the JSON:
 On ``--device cuda`` vqmed runs the Trainer's CUDA path (``train.amp=bf16``, ``train.compile=true``,
 ``channels_last``); the baseline stays fp32 as in the issue, and a third contender ``baseline_amp``
 (MONAI with bf16 autocast, no compile) shows how much of the gain AMP alone explains. vqmed's
-wall-clock budget in ``psnr`` includes ``torch.compile``'s compilation, as a real run's would; a GPU
-outruns one augmentation worker, so pass e.g. ``--set train.num_workers=8`` there.
+wall-clock budget in ``psnr`` includes ``torch.compile``'s compilation, as a real run's would; the
+augmentation runs batched on the GPU there, and the DataLoader workers only read the cache.
 
     .venv/bin/python benchmarks/speed.py [--minutes 5] [--sizes 64 128 256] [--device cpu|cuda]
         [--out benchmarks/results/speed.json] [--quick]
@@ -306,6 +306,8 @@ def worker_data(spec: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from vqmed.data import ImageDataset, ImageSpec, read_manifest, resolve_data_root
+    from vqmed.data.augment import BatchAugmentation
+    from vqmed.training.objectives import OBJECTIVES, objective_params
 
     cfg = load_cfg(Path(spec["config"]), spec["overrides"])
     torch.set_num_threads(spec["threads"])
@@ -317,18 +319,25 @@ def worker_data(spec: dict[str, Any]) -> dict[str, Any]:
                            spacing=tuple(cfg.data.spacing) if cfg.data.spacing else None,
                            resize=cfg.data.resize, intensity=cfg.data.intensity)
 
+    objective = OBJECTIVES[cfg.objective.name]
+    chain = getattr(objective_params(cfg.objective.name, cfg.objective.params), "augmentation", objective.augmentation)
+    augment = BatchAugmentation(image_spec.spatial_dims, chain) if cfg.data.augment else None
+    generator = torch.Generator().manual_seed(cfg.seed)
+
     def one_run(cache: Path) -> dict[str, Any]:
         """A fresh process's view: build the dataset (hash; decode what the cache lacks), then one epoch."""
         t0 = time.perf_counter()
-        ds = ImageDataset(manifest, root, image_spec, cache_dir=cache, augment=cfg.data.augment, progress=False)
+        ds = ImageDataset(manifest, root, image_spec, cache_dir=cache, progress=False)
         built = time.perf_counter() - t0
-        ds.set_epoch(0, seed=cfg.seed)
         loader = DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                             num_workers=cfg.train.num_workers, pin_memory=spec["device"] == "cuda",
                             generator=torch.Generator().manual_seed(0))
         t1, total = time.perf_counter(), 0.0
         for batch in loader:
-            total += float(batch["image"].sum())  # touch every pixel, as a training step would
+            images = batch["image"]
+            if augment is not None:  # as the Trainer does: the objective's views, batched, in this process
+                images = augment(images, objective.views, generator)
+            total += float(images.sum())  # touch every pixel, as a training step would
         epoch = time.perf_counter() - t1
         return {"build_s": built, "epoch_s": epoch, "total_s": built + epoch, "decoded": ds.stats["decoded"],
                 "cached": ds.stats["cached"], "checksum": round(total, 1)}
@@ -337,7 +346,7 @@ def worker_data(spec: dict[str, Any]) -> dict[str, Any]:
         cold = one_run(Path(tmp))  # a fresh cache folder: every image is decoded (= no cache)
         warm = one_run(Path(tmp))  # the same folder again: every image comes from the cache
     out = {"images": spec["images"], "image_size": cfg.data.image_size, "batch_size": cfg.train.batch_size,
-           "num_workers": cfg.train.num_workers, "augment": cfg.data.augment, "cold_cache": cold,
+           "num_workers": cfg.train.num_workers, "augment": chain if augment is not None else None, "cold_cache": cold,
            "warm_cache": warm, "cold_ms_per_image": 1000 * cold["total_s"] / spec["images"],
            "warm_ms_per_image": 1000 * warm["total_s"] / spec["images"],
            "speedup": cold["total_s"] / warm["total_s"], "peak_memory_mb": peak_memory_mb("cpu")}

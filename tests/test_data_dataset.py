@@ -1,4 +1,4 @@
-"""vqmed.data.ImageDataset on the real data: cache, quarantine of bad files, hardening, augmentation."""
+"""vqmed.data.ImageDataset on the real data: cache, quarantine of bad files, hardening, loaders."""
 
 from __future__ import annotations
 
@@ -16,11 +16,9 @@ import pandas as pd
 import pydicom
 import pytest
 import torch
-from monai.transforms import Compose, RandGaussianNoised
 from pydicom.uid import UID
 
 from vqmed.data import ImageDataset, ImageSpec, UnreadableImageError, load_image, read_manifest, resolve_data_root
-from vqmed.data.transforms import SeededAugmentation, augment_transform
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -251,56 +249,7 @@ def test_unreadable_permissions(kermany, data_root):
         shutil.rmtree(root, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------------- augmentation, loaders, progress
-
-
-def test_augmentation_is_mild_random_and_in_range(kermany, data_root, tmp_path):
-    torch.manual_seed(0)  # the augmentation stream is seeded from torch's seed
-    df = _spread(kermany, 8)
-    plain = ImageDataset(df, data_root, ImageSpec(32), cache_dir=tmp_path / "c", progress=False)
-    aug = ImageDataset(df, data_root, ImageSpec(32), cache_dir=tmp_path / "c", augment=True, progress=False)
-    assert aug.stats["decoded"] == 0  # augmentation sits on top of the cached deterministic image
-    views = torch.stack([aug[i % 8]["image"] for i in range(40)])
-    assert views.min() >= 0 and views.max() <= 1 and views.shape == (40, 1, 32, 32)
-    originals = torch.stack([plain[i % 8]["image"] for i in range(40)])
-    corr = [np.corrcoef(v.ravel().numpy(), o.ravel().numpy())[0, 1] for v, o in zip(views, originals)]
-    assert sum(c < 0.999 for c in corr) >= 20  # random: most views are changed
-    assert np.median(corr) > 0.9 and min(corr) > 0.6  # mild: still the same radiograph
-
-
-@pytest.mark.parametrize("name", ["views", "mild"])
-def test_seeded_augmentation_draws_what_monai_set_random_state_draws(kermany, data_root, tmp_path, name):
-    """The in-place reseeding (and the chain run without MetaTensor tracking) must not change a single pixel of
-    any draw: the recorded tables and a resumed run depend on the augmentation stream."""
-    spec = ImageSpec(64)
-    plain = ImageDataset(_spread(kermany, 6), data_root, spec, cache_dir=tmp_path / "c", progress=False)
-    monai_chain, seeded = augment_transform(spec, name), SeededAugmentation(augment_transform(spec, name))
-    for i in range(60):
-        img, draw = plain[i % 6]["image"], int(np.random.SeedSequence([0, 1, i]).generate_state(1)[0])
-        expected = monai_chain.set_random_state(seed=draw)({"image": img.clone()})["image"]
-        got = seeded({"image": img.clone()}, draw)["image"]
-        assert type(got) is torch.Tensor and torch.equal(got, expected), f"draw {i} differs"
-    assert seeded.in_place  # the fast path drew them, not MONAI's own call
-    assert not torch.equal(seeded({"image": img}, 1)["image"], seeded({"image": img}, 2)["image"])
-
-
-class _NoiseSeedingItsInnerDifferently(RandGaussianNoised):
-    """Seeds its inner transform with seed + 1: reseeding everything with one seed would draw other noise."""
-
-    def set_random_state(self, seed=None, state=None):
-        super().set_random_state(seed, state)
-        self.rand_gaussian_noise.set_random_state(None if seed is None else seed + 1, state)
-        return self
-
-
-def test_seeded_augmentation_keeps_monai_call_for_a_chain_it_cannot_reseed(kermany, data_root, tmp_path):
-    img = ImageDataset(_spread(kermany, 1), data_root, ImageSpec(64), cache_dir=tmp_path / "c", progress=False)[0]["image"]
-    chain = lambda: Compose([_NoiseSeedingItsInnerDifferently("image", prob=1.0, std=0.1)])  # noqa: E731
-    monai_chain, seeded = chain(), SeededAugmentation(chain())
-    assert not seeded.in_place
-    for draw in (5, 6, 7):
-        expected = monai_chain.set_random_state(seed=draw)({"image": img.clone()})["image"]
-        assert torch.equal(torch.as_tensor(seeded({"image": img.clone()}, draw)["image"]), torch.as_tensor(expected))
+# ----------------------------------------------------------------------------------- loaders, progress
 
 
 def test_dataloader_workers_read_the_memory_map(kermany, data_root, tmp_path):

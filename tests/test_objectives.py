@@ -12,6 +12,7 @@ from test_training import DATA_ROOT, ROOT, run_pretrain, sigkill_after_checkpoin
 
 from vqmed.config import ConfigError, PretrainConfig, load_config
 from vqmed.data import ImageDataset, ImageSpec, read_manifest
+from vqmed.data.augment import BatchAugmentation
 from vqmed.models_io.checkpoint import latest_checkpoint, load_checkpoint
 from vqmed.networks import build_model, vqvae_loss
 from vqmed.training.objectives import OBJECTIVES, build_objective
@@ -28,9 +29,9 @@ def views(tmp_path_factory) -> torch.Tensor:
     """64 real Kermany train images at 32x32, two augmented views each: ``[64, 2, 1, 32, 32]``."""
     manifest = read_manifest(ROOT / "data_manifests" / "chest_xray.csv")
     rows = manifest[manifest["split"] == "train"].iloc[::80].head(64)
-    ds = ImageDataset(rows, DATA_ROOT, ImageSpec(32), cache_dir=tmp_path_factory.mktemp("cache"), augment=True,
-                      progress=False, views=2, augmentation="views")
-    return torch.stack([ds[i]["image"] for i in range(len(ds))])
+    ds = ImageDataset(rows, DATA_ROOT, ImageSpec(32), cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+    films = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    return BatchAugmentation(2, "views")(films, 2, torch.Generator().manual_seed(0))
 
 
 def _train(name: str, params: dict, views: torch.Tensor, steps: int = 40) -> tuple[list[dict[str, float]], torch.nn.Module]:

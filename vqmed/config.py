@@ -55,7 +55,8 @@ class DataConfig:
             is centre-cropped or padded to the ``image_size`` cube (one grid for every scanner); ``None`` resizes
             each volume to the cube.
         val_fraction: share of the unlabeled images held out for validation, split by patient.
-        augment: mild augmentation for pretraining (small affine, intensity jitter).
+        augment: augment the pretraining batches with the objective's chain (``vqmed.data.augment``: ``mild`` for
+            reconstruction, ``views`` for an invariance objective's two views); off, every view is the image.
         cache_dir: where decoded, resized images are cached (``None`` disables the cache).
         fail_fast: stop at the first unreadable file instead of quarantining it.
         max_images: use at most this many images (after the split filter); ``None`` = all.

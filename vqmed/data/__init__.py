@@ -3,6 +3,7 @@
 Owns the data root rule, manifests (build / read / write / check; paths relative to the data root,
 DICOM ids as salted hashes), NIfTI orientation to RAS+ (:mod:`.orientation`, shared with the export), DICOM handling (pydicom + pylibjpeg, VOI LUT, MONOCHROME1 inversion),
 patient-grouped splits and committed patient lists, the MONAI transform chains, the cached :class:`ImageDataset` with its quarantine of unreadable files,
+pretraining's batched augmentation (:mod:`.augment`),
 and previews. Knows nothing of models or training.
 """
 

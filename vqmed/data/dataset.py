@@ -17,13 +17,7 @@ from vqmed.data.errors import UnreadableImageError
 from vqmed.data.privacy import resolve_salt, salted_id
 from vqmed.data.progress import progress_bar
 from vqmed.data.readers import DEFAULT_MAX_PIXELS, check_source, detect_format, safe_path
-from vqmed.data.transforms import (
-    ImageSpec,
-    SeededAugmentation,
-    augment_transform,
-    deterministic_transform,
-    run_transform,
-)
+from vqmed.data.transforms import ImageSpec, deterministic_transform, run_transform
 
 
 @dataclass
@@ -77,17 +71,14 @@ class ImageDataset(Dataset):
 
     On construction every row is read once (or found in the cache by the hash of its bytes and the
     spec); unreadable files are quarantined (or raise with ``fail_fast``). ``ds[i]`` returns
-    ``{"image": float32 tensor [C,H,W(,D)] in [0, 1], "row": position of the row in the manifest}``.
+    ``{"image": float32 tensor [C,H,W(,D)] in [0, 1], "row": position of the row in the manifest}``, as it is:
+    pretraining augments whole batches on their device (:class:`vqmed.data.augment.BatchAugmentation`).
 
     Args:
         manifest: manifest table (needs ``path``; ``frame`` used when present).
         data_root: folder that manifest paths are relative to.
         spec: output size / dimensionality / channels.
         cache_dir: cache folder (``None`` = keep the decoded images in memory only).
-        augment: apply random MONAI augmentation in ``__getitem__`` (pretraining).
-        views: augmented views per image (an invariance objective asks for 2): with more than one,
-            ``ds[i]["image"]`` is ``[views, C, *spatial]``, every view drawn independently from one decode.
-        augmentation: the chain of :func:`vqmed.data.transforms.augment_transform` (``mild``, ``views``).
         fail_fast: raise :class:`UnreadableImageError` at the first bad file instead of quarantining.
         progress: show tqdm bars (also off when the ``CI`` environment variable is set).
         max_pixels: refuse files whose header declares more pixels than this, before decoding.
@@ -105,19 +96,15 @@ class ImageDataset(Dataset):
         data_root: Path,
         spec: ImageSpec,
         cache_dir: Path | None = None,
-        augment: bool = False,
         fail_fast: bool = False,
         progress: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         allow_outside_root: bool = False,
-        views: int = 1,
-        augmentation: str = "mild",
     ) -> None:
         if "path" not in manifest.columns:
             raise ValueError("manifest has no 'path' column")
         self.spec = spec
         self.data_root = Path(data_root)
-        self.augment = augment
         self.fail_fast = fail_fast
         self.quarantine = Quarantine()
         self._max_pixels = max_pixels
@@ -172,11 +159,6 @@ class ImageDataset(Dataset):
         self._chunk_of = np.asarray(chunk_of, dtype=np.int32)
         self._slot_of = np.asarray(slot_of, dtype=np.int64)
         self.stats["kept"] = len(kept)
-        if views < 1:
-            raise ValueError(f"views must be >= 1, got {views}")
-        self.views = int(views)
-        self._augment_tf = SeededAugmentation(augment_transform(spec, augmentation)) if augment else None
-        self._augment_epoch = (0, 0)
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -258,25 +240,9 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def set_epoch(self, epoch: int, seed: int = 0) -> None:
-        """Choose the augmentation of this epoch: image ``i`` gets the same random draw for the same
-        (seed, epoch, i) whatever the worker count or process, so a resumed run repeats it exactly."""
-        self._augment_epoch = (int(seed), int(epoch))
-
     def __getitem__(self, i: int) -> dict[str, Any]:
         img = torch.from_numpy(from_uint8(self._array(int(self._chunk_of[i]))[self._slot_of[i]]))
-        if self.views == 1:
-            img = self._augmented(img, [int(i)])
-        else:
-            img = torch.stack([self._augmented(img, [int(i), v]) for v in range(self.views)])
         return {"image": img, "row": int(self.rows[i])}
-
-    def _augmented(self, img: torch.Tensor, key: list[int]) -> torch.Tensor:
-        if self._augment_tf is None:
-            return img
-        seed, epoch = self._augment_epoch
-        draw = int(np.random.SeedSequence([seed, epoch, *key]).generate_state(1)[0])
-        return self._augment_tf({"image": img}, draw)["image"].clamp_(0.0, 1.0)
 
 
 def _frames(manifest: pd.DataFrame) -> list[int | None]:

@@ -14,11 +14,8 @@ Deterministic chain (cached by :class:`vqmed.data.ImageDataset`)::
     ResizeWithPadOrCropd  pad (black) / centre-crop to the square or cube (pad and crop modes)
     EnsureTyped        plain float32 numpy, no MONAI metadata
 
-Augmentation chains (pretraining only, applied on top of the cached image, then clamped to [0, 1]):
-``mild`` (small RandAffined, RandAdjustContrastd, RandGaussianNoised) for reconstruction, ``views`` (zoom,
-shift, rotation, intensity, blur, noise) for the two views of an invariance objective. No flips:
-left/right matters in chest radiographs (heart side). :class:`SeededAugmentation` runs a chain with the draw
-that ``Compose.set_random_state(seed=s)`` would choose, a few times faster (one draw per image and view).
+Pretraining's random augmentation is not here: it acts on whole batches on their device
+(:mod:`vqmed.data.augment`).
 """
 
 from __future__ import annotations
@@ -37,13 +34,6 @@ from monai.transforms import (
     Compose,
     EnsureTyped,
     MapTransform,
-    RandAdjustContrastd,
-    RandAffined,
-    RandGaussianNoised,
-    RandGaussianSmoothd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    Randomizable,
     Resize,
     ResizeWithPadOrCrop,
     ResizeWithPadOrCropd,
@@ -51,8 +41,7 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
     Spacing,
 )
-from monai.data import MetaTensor, get_track_meta, set_track_meta
-from monai.utils import MAX_SEED
+from monai.data import MetaTensor
 
 from vqmed.config import INTENSITY_MODES, RESIZE_MODES
 from vqmed.data.errors import UnreadableImageError
@@ -287,134 +276,6 @@ def deterministic_transform(spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
         chain.append(ResizeWithPadOrCropd("image", spatial_size=(spec.image_size,) * spec.spatial_dims))
     chain.append(EnsureTyped("image", data_type="numpy", dtype=np.float32, track_meta=False))
     return Compose(chain)
-
-
-AUGMENTATIONS = ("mild", "views")
-
-
-def augment_transform(spec: ImageSpec, name: str = "mild") -> Compose:
-    """Random augmentation for pretraining, on a float tensor already in [0, 1].
-
-    Args:
-        spec: what the model sees.
-        name: ``mild`` (small affine, gamma, noise: reconstruction keeps the image as it is) or ``views``
-            (the two views of an invariance objective: up to +-25% zoom and 8% shift, which crops or pads
-            like a random resized crop, +-10 degrees, stronger gamma / contrast / brightness, blur and
-            noise). Never a flip: left and right matter on a chest film.
-    """
-    if name not in AUGMENTATIONS:
-        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {name!r}")
-    if name == "views":
-        chain = [
-            _random_affine(spec, prob=1.0, degrees=10.0, zoom=0.25, shift=0.08),
-            RandAdjustContrastd("image", prob=0.8, gamma=(0.7, 1.4)),
-            RandScaleIntensityd("image", prob=0.5, factors=0.2),
-            RandShiftIntensityd("image", prob=0.5, offsets=0.1),
-            RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
-            RandGaussianNoised("image", prob=0.3, mean=0.0, std=0.02),
-        ]
-    else:
-        chain = [
-            _random_affine(spec, prob=0.8, degrees=5.0, zoom=0.05, shift=0.03),
-            RandAdjustContrastd("image", prob=0.3, gamma=(0.85, 1.15)),
-            RandGaussianNoised("image", prob=0.2, mean=0.0, std=0.01),
-        ]
-    return Compose([*chain, EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False)])
-
-
-class SeededAugmentation:
-    """A random MONAI chain whose draw is chosen by one integer, as ``chain.set_random_state(seed=s)`` chooses it,
-    at a fraction of the cost.
-
-    ``Compose.set_random_state`` builds a new NumPy ``RandomState`` for every random transform and every random
-    transform inside it (14 for the ``views`` chain, ~135 us each); per augmented view that was a third of the
-    augmentation's time. This finds, once, the generators that call reaches and reseeds the same objects in place
-    (``RandomState.seed`` gives the state a new ``RandomState`` would have, in ~2 us), so each seed draws
-    bit-for-bit what ``set_random_state(seed=s)`` draws. The chain runs without MetaTensor bookkeeping: it
-    receives a plain tensor and its last step drops the metadata anyway (identical pixels, ~25% faster).
-
-    Args:
-        chain: the MONAI chain (e.g. from :func:`augment_transform`); its random transforms must take their
-            randomness from their ``R`` generators, as MONAI's do.
-    """
-
-    def __init__(self, chain: Compose) -> None:
-        self.chain = chain
-        subtrees = [(t, _randomizables(t)) for t in chain.transforms]
-        # The generators set_random_state replaces are the ones it seeds: compare two calls.
-        chain.set_random_state(seed=0)
-        before = {id(o): o.R for _, members in subtrees for o in members}
-        chain.set_random_state(seed=1)
-        self._seeded = [[o for o in members if o.R is not before[id(o)]]
-                        for t, members in subtrees if isinstance(t, Randomizable)]
-        # A transform that seeds its inner generators some other way (not with its own seed) would draw
-        # differently: such a chain keeps MONAI's own, slower call.
-        self.in_place = self._reseeds_like_monai([chain, *(o for _, members in subtrees for o in members)], seed=20261203)
-
-    def __call__(self, data: dict[str, Any], seed: int) -> dict[str, Any]:
-        """Apply the chain with the draw of ``chain.set_random_state(seed=seed)``."""
-        if self.in_place:
-            self._reseed(seed)
-        else:
-            self.chain.set_random_state(seed=seed)
-        tracking = get_track_meta()
-        set_track_meta(False)
-        try:
-            return self.chain(data)
-        finally:
-            set_track_meta(tracking)
-
-    def _reseed(self, seed: int) -> None:
-        outer = self.chain.R
-        outer.seed(int(np.int64(seed) % MAX_SEED))
-        for group in self._seeded:  # Compose.set_random_state's order: one draw per random transform
-            inner = int(outer.randint(MAX_SEED, dtype="uint32"))
-            for o in group:
-                o.R.seed(inner)
-
-    def _reseeds_like_monai(self, randomizables: list[Randomizable], seed: int) -> bool:
-        """Whether in-place reseeding leaves every generator in the state ``set_random_state(seed=seed)`` does."""
-        self.chain.set_random_state(seed=seed)
-        expected = [o.R.get_state()[1:3] for o in randomizables]  # (key array, position)
-        self.chain.set_random_state(seed=seed + 1)
-        self._reseed(seed)
-        return all(np.array_equal(o.R.get_state()[1], key) and o.R.get_state()[2] == pos
-                   for o, (key, pos) in zip(randomizables, expected))
-
-
-def _randomizables(obj: Any) -> list[Randomizable]:
-    """``obj`` and every :class:`Randomizable` among its attributes, depth first (a transform's inner transforms)."""
-    found: list[Randomizable] = []
-    stack, seen = [obj], set()
-    while stack:
-        o = stack.pop()
-        if id(o) in seen:
-            continue
-        seen.add(id(o))
-        if isinstance(o, Randomizable):
-            found.append(o)
-        if isinstance(o, (list, tuple)):
-            stack.extend(o)
-        elif isinstance(o, dict):
-            stack.extend(o.values())
-        elif hasattr(o, "__dict__") and not isinstance(o, (np.random.RandomState, torch.Tensor, np.ndarray)):
-            stack.extend(v for v in vars(o).values() if hasattr(v, "__dict__") or isinstance(v, (list, tuple, dict)))
-    return found
-
-
-def _random_affine(spec: ImageSpec, prob: float, degrees: float, zoom: float, shift: float) -> RandAffined:
-    """Rotation up to ``degrees`` (about every axis in 3D), zoom by up to ``zoom``, shift by up to ``shift`` of
-    the side; bilinear, border padding (a zoomed-out film keeps its edge intensity instead of black bars)."""
-    nd, rot = spec.spatial_dims, math.radians(degrees)
-    return RandAffined(
-        "image",
-        prob=prob,
-        rotate_range=(rot,) if nd == 2 else (rot, rot, rot),
-        scale_range=(zoom,) * nd,
-        translate_range=(shift * spec.image_size,) * nd,
-        mode="bilinear",
-        padding_mode="border",
-    )
 
 
 def run_transform(transform: Compose, path: Path, frame: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:

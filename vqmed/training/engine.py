@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from vqmed.atomic import atomic_write_json, remove_stale_temporaries
 from vqmed.config import ConfigError, PretrainConfig, to_dict
 from vqmed.data import ImageDataset, ImageSpec, ManifestError, load_manifests, resolve_data_root, split_by_patient
+from vqmed.data.augment import BatchAugmentation
 from vqmed.models_io import model_fingerprint
 from vqmed.models_io.checkpoint import atomic_save, latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vqmed.models_io.runtime import (
@@ -124,17 +125,17 @@ class Trainer:
 
         objective = self.objective
 
-        def dataset(rows: pd.DataFrame, augment: bool, views: int = 1) -> ImageDataset:
-            return ImageDataset(rows, self.data_root, self.spec, cache_dir=cache, augment=augment,
-                                fail_fast=cfg.data.fail_fast, progress=progress, views=views,
-                                augmentation=objective.augmentation)
+        def dataset(rows: pd.DataFrame) -> ImageDataset:
+            return ImageDataset(rows, self.data_root, self.spec, cache_dir=cache, fail_fast=cfg.data.fail_fast,
+                                progress=progress)
 
         # Rank 0 decodes and fills the cache; the other ranks then read it instead of decoding too.
         if not self.rt.is_main:
             barrier(self.rt)
-        # The training set yields the views the objective asks for; validation sees each image once, as is.
-        self.train_set = dataset(train_rows, cfg.data.augment, objective.views)
-        self.val_set = dataset(val_rows, False)
+        # Both yield the images as they are: the training batches become the objective's views on the device.
+        self.train_set = dataset(train_rows)
+        self.val_set = dataset(val_rows)
+        self.augmentation = BatchAugmentation(self.spec.spatial_dims, objective.augmentation) if cfg.data.augment else None
         if self.rt.is_main:
             barrier(self.rt)
             quarantine = self.out / "quarantine.csv"
@@ -155,7 +156,7 @@ class Trainer:
             sampler=self.sampler,
             num_workers=cfg.train.num_workers,
             drop_last=True,
-            # Workers are re-created each epoch so they see the dataset's current augmentation epoch.
+            # Workers only read the cache (augmentation happens on the device, in _views): nothing to keep.
             persistent_workers=False,
             pin_memory=self.rt.device.type == "cuda",
             # A private generator: creating an iterator must not draw from the global RNG, or a resumed
@@ -297,7 +298,6 @@ class Trainer:
     def _batches(self, skip: int) -> Iterator[tuple[torch.Tensor, float]]:
         """Yield (views ``[B, views, C, *spatial]``, seconds waited for them) for the rest of the epoch."""
         self.sampler.set_epoch(self.epoch, skip_batches=skip)
-        self.train_set.set_epoch(self.epoch, seed=self.cfg.seed)
         iterator = iter(self.loader)
         while True:
             start = time.perf_counter()
@@ -306,11 +306,24 @@ class Trainer:
             except StopIteration:
                 return
             images = batch["image"].to(self.rt.device, non_blocking=True)
-            shape = images.shape if self.objective.views > 1 else (images.shape[0], 1, *images.shape[1:])
-            images = images.reshape(-1, *shape[2:])  # [B * views, C, *spatial]: one layout change for all
+            views = self._views(images)
+            shape = views.shape
+            views = views.reshape(-1, *shape[2:])  # [B * views, C, *spatial]: one layout change for all
             if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            yield images.view(shape), time.perf_counter() - start
+                views = views.contiguous(memory_format=torch.channels_last)
+            yield views.view(shape), time.perf_counter() - start
+
+    def _views(self, images: torch.Tensor) -> torch.Tensor:
+        """The objective's views ``[B, views, C, *spatial]`` of a batch ``[B, C, *spatial]``.
+
+        The draw of step ``s`` depends only on (seed, rank, s): a resumed run augments exactly as the run it continues.
+        """
+        count = self.objective.views
+        if self.augmentation is None:
+            return images.unsqueeze(1).expand(-1, count, *images.shape[1:])
+        draw = int(np.random.SeedSequence([self.cfg.seed, self.rt.rank, self.step]).generate_state(1)[0])
+        generator = torch.Generator(device=self.rt.device).manual_seed(draw)
+        return self.augmentation(images, count, generator)
 
     def _train_step(self, views: torch.Tensor) -> dict[str, float]:
         """One optimiser step on a batch of views ``[B, views, C, *spatial]``; returns the logged metrics."""

@@ -25,9 +25,9 @@ class Objective(nn.Module):
     An objective owns whatever it trains beside the model (projector heads, an EMA teacher, ...) as
     submodules, so the engine optimises, checkpoints and resumes them exactly like the model, and
     DistributedDataParallel syncs their gradients (the engine wraps model and objective together).
-    It asks the dataset for ``views`` augmented views of every image (``augmentation`` names the
-    chain, see :func:`vqmed.data.transforms.augment_transform`); the engine hands them over as one
-    tensor ``[B, views, C, *spatial]``.
+    It asks for ``views`` augmented views of every image (``augmentation`` names the chain, see
+    :data:`vqmed.data.augment.AUGMENTATIONS`); the engine draws them for the whole batch on its device and
+    hands them over as one tensor ``[B, views, C, *spatial]``.
 
     Args:
         model: the VQ model being pretrained (read for its shapes and stages; not stored twice).

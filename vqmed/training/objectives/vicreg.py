@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqmed.data.augment import AUGMENTATIONS
 from vqmed.networks import vqvae_loss
 from vqmed.networks.stages import stage_outputs
 from vqmed.training.objectives.base import Objective, ObjectiveParams
@@ -37,7 +38,7 @@ class VICRegParams(ObjectiveParams):
         covariance: coefficient of the off-diagonal covariance penalty; paper: 1.
         projector: hidden and output widths of the projector MLP (Linear-BatchNorm-ReLU between layers).
         stages: which encoder stages make the embedding: ``last`` (the deepest) or ``all``.
-        augmentation: the augmentation chain of the two views (see ``vqmed.data.transforms``).
+        augmentation: the augmentation chain of the two views (see ``vqmed.data.augment``).
         reconstruct: which views the VQ-VAE loss decodes: ``both``, or ``first`` (the second view only
             goes through the encoder, which the VICReg term needs; one decoder pass fewer a step).
         second_view_scale: side of the second view relative to the first, area-resized before the encoder (a
@@ -67,6 +68,8 @@ class VICRegParams(ObjectiveParams):
             raise ValueError(f"projector must list positive widths, got {self.projector}")
         if self.stages not in ("last", "all"):
             raise ValueError(f"stages must be 'last' or 'all', got {self.stages!r}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {tuple(AUGMENTATIONS)}, got {self.augmentation!r}")
         if self.reconstruct not in ("both", "first"):
             raise ValueError(f"reconstruct must be 'both' or 'first', got {self.reconstruct!r}")
         # both shrink what ``reconstruct: first`` leaves undecoded; with ``both`` every view is a decoder target
