@@ -144,7 +144,7 @@ def _chunks(manifest: pd.DataFrame, mine: list[int], chunk: int, root: Path, spe
     """
     def build(positions: list[int]) -> ImageDataset:
         subset = manifest.iloc[positions].reset_index(drop=True)
-        return ImageDataset(subset, root, spec, cache_dir=cache_dir, augment=False, fail_fast=False, progress=False)
+        return ImageDataset(subset, root, spec, cache_dir=cache_dir, fail_fast=False, progress=False)
 
     slices = [mine[i:i + chunk] for i in range(0, len(mine), chunk)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqmed-export-decode") as pool:

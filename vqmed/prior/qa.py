@@ -56,7 +56,7 @@ CORRUPT = {
 
 
 def _images(rows: pd.DataFrame, root: Path, spec: ImageSpec) -> torch.Tensor:
-    ds = ImageDataset(rows.reset_index(drop=True), root, spec, cache_dir=None, augment=False, progress=False)
+    ds = ImageDataset(rows.reset_index(drop=True), root, spec, cache_dir=None, progress=False)
     if len(ds) == 0:
         return torch.empty((0, spec.channels) + (spec.image_size,) * spec.spatial_dims)
     return torch.stack([ds[i]["image"] for i in range(len(ds))])
