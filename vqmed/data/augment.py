@@ -5,9 +5,9 @@ The chains are MONAI's (``RandAffine``, ``RandAdjustContrast``, ``RandScaleInten
 ``[B, C, *spatial]`` rather than image by image in the DataLoader: one affine grid and one ``grid_sample`` for
 every view (MONAI's :class:`~monai.networks.layers.AffineTransform`), elementwise intensity changes and MONAI's
 separable Gaussian filter. Why: MONAI's random transforms cost ~1.5 ms of Python per 64x64 view; on 2 cores that
-work either waits in line with the training step or, in a worker process, starves torch's threads (the 1,232-step
-CPU demo spent ~35% of its time on it), while the batched form costs ~7 ms for 64 views, and on a GPU it runs
-there. No flips: left and right matter on a chest film.
+work either waits in line with the training step or, in a worker process, starves torch's threads (the CPU
+demo's step took 406 ms that way against 249 ms now), while the batched form costs ~7 ms (``mild``) to ~11 ms
+(``views``) for 64 views, and on a GPU it runs there. No flips: left and right matter on a chest film.
 
 Draws come from a ``torch.Generator`` the caller seeds (the engine: one per step, from the run seed, the rank and
 the step), so a resumed run repeats the interrupted one's views exactly.
