@@ -199,9 +199,9 @@ def test_resume_after_sigkill_ends_with_the_same_prior(store_dir, tmp_path):
     killed = _train_cli(store_dir, tmp_path / "killed")
     last = tmp_path / "killed" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 300
-    while not (last.is_file() and torch.load(last, weights_only=True)["step"] >= 6):
+    while not (last.is_file() and torch.load(last, weights_only=True)["step"] >= 3):  # the first checkpoint: the most room before the run ends
         assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()[0]
-        time.sleep(0.2)
+        time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "final.pt").exists()

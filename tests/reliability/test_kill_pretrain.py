@@ -88,6 +88,9 @@ def killed_run(tmp_path_factory, data_root, make_config, env_for_child):
         if target is None:
             ready = lambda: (tmp / "run" / "final.pt").is_file()
         else:
+            # Past the checkpoint the last kill left (a fast run can overshoot a target): every restart must
+            # resume, then be killed.
+            target = max(target, _latest_step(ckpt) + 2)
             ready = lambda t=target: _latest_step(ckpt) >= t
         try:
             seconds = _kill_when(process, ready, delay, name, log)
