@@ -320,7 +320,7 @@ def worker_data(spec: dict[str, Any]) -> dict[str, Any]:
                            resize=cfg.data.resize, intensity=cfg.data.intensity)
 
     objective = OBJECTIVES[cfg.objective.name]
-    chain = getattr(objective_params(cfg.objective.name, cfg.objective.params), "augmentation", objective.augmentation)
+    chain = objective.augmentation_of(objective_params(cfg.objective.name, cfg.objective.params))
     augment = BatchAugmentation(image_spec.spatial_dims, chain) if cfg.data.augment else None
     generator = torch.Generator().manual_seed(cfg.seed)
 

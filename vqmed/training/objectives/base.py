@@ -38,11 +38,21 @@ class Objective(nn.Module):
     name: ClassVar[str]
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
     views: int = 1
-    augmentation: str = "mild"
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], params: ObjectiveParams) -> None:
         super().__init__()
         self.params = params
+
+    @classmethod
+    def augmentation_of(cls, params: ObjectiveParams) -> str:
+        """The augmentation chain these parameters ask for: known before the objective is built (a benchmark
+        that times the data path has no model to build one with)."""
+        return "mild"
+
+    @property
+    def augmentation(self) -> str:
+        """The augmentation chain of this objective's views."""
+        return self.augmentation_of(self.params)
 
     def forward(self, model: nn.Module, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, metrics)`` for a batch ``[B, views, C, *spatial]``; ``metrics`` are logged as

@@ -119,9 +119,12 @@ class VICReg(Objective):
     Params = VICRegParams
     views = 2
 
+    @classmethod
+    def augmentation_of(cls, params: VICRegParams) -> str:
+        return params.augmentation
+
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], params: VICRegParams) -> None:
         super().__init__(model, input_shape, params)
-        self.augmentation = params.augmentation
         if not model.feature_stages():
             raise ValueError(f"objective 'vicreg' needs a model with encoder stages; {type(model).__name__} has none")
         # One dry encoder pass sizes the projector (no codebook update: encode() does not quantize).
