@@ -90,6 +90,10 @@ def test_every_objective_learns_and_uses_the_codebook(name, views):
         start = sum(h["vicreg"] for h in history[:5]) / 5
         end = sum(h["vicreg"] for h in history[-5:]) / 5
         assert end < 0.8 * start, f"VICReg term did not fall ({start:.3f} -> {end:.3f})"
+    if name == "teacher":
+        start = sum(h["teacher"] for h in history[:5]) / 5
+        end = sum(h["teacher"] for h in history[-5:]) / 5
+        assert end < 0.8 * start, f"the prediction of the teacher's embedding did not improve ({start:.3f} -> {end:.3f})"
 
 
 def test_vicreg_can_decode_the_first_view_only(views):
@@ -179,6 +183,35 @@ def test_masked_objective_drops_hidden_patches_from_a_vit(views):
         build_objective("masked", {"patch": 2}, model, (1, 32, 32))
 
 
+def test_teacher_is_a_moving_average_of_the_student_without_gradients(views):
+    """The teacher starts as the student, gets no gradient, and after training lies between its start and the
+    student (an EMA: closer to where it started than the student is, but moved); evaluation does not move it."""
+    torch.manual_seed(0)
+    model = build_model("vqvae", spatial_dims=2, in_channels=1, out_channels=1, **TINY)
+    objective = build_objective("teacher", {"momentum": 0.9, "reconstruct": "first"}, model, (1, 32, 32))
+    start = [p.detach().clone() for p in objective.teacher_model.parameters()]
+    assert all(torch.equal(t, s) for t, s in zip(start, model.parameters()))
+    optimizer = torch.optim.Adam([*model.parameters(), *objective.parameters()], lr=2e-3)
+    for step in range(10):
+        loss, _ = objective(model, views[16 * (step % 4) : 16 * (step % 4 + 1)])
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in objective.teacher_model.parameters())
+        assert all(p.grad is None for p in objective.teacher_projector.parameters())
+        optimizer.step()
+    assert int(objective.moves) == 10
+
+    def distance(a, b):
+        return sum(float((x - y).pow(2).sum()) for x, y in zip(a, b))
+
+    teacher = list(objective.teacher_model.parameters())
+    moved, behind = distance(teacher, start), distance(teacher, model.parameters())
+    assert moved > 0 and behind > 0 and distance(start, model.parameters()) > max(moved, behind)
+    objective.eval()
+    objective(model, views[:16])
+    assert int(objective.moves) == 10
+
+
 def test_vicreg_terms_reward_agreement_and_spread():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(64, 32, generator=g)
@@ -212,6 +245,8 @@ def test_objective_config_errors_name_the_key(tmp_path):
         ({"name": "vicreg", "params": {"reconstruct": "first", "decode_fraction": 1.5}}, "objective.params.decode_fraction"),
         ({"name": "masked", "params": {"mask_ratio": 1.5}}, "objective.params.mask_ratio"),
         ({"name": "vicreg", "params": {"weight": "high"}}, "objective.params.weight"),
+        ({"name": "teacher", "params": {"momentum": 1.0}}, "objective.params.momentum"),
+        ({"name": "teacher", "params": {"predictor": [64, 32]}}, "objective.params.predictor must end at"),
     ):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({**base, "objective": objective}))
@@ -219,10 +254,18 @@ def test_objective_config_errors_name_the_key(tmp_path):
             load_config(PretrainConfig, path)
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_vicreg(tmp_path):
-    """A non-default objective with its own weights (projector, BatchNorm statistics) resumes exactly."""
+@pytest.mark.parametrize(
+    "name, own_state",
+    [("vicreg", ("projector.",)), ("teacher", ("projector.", "predictor.", "teacher_model.", "teacher_projector."))],
+)
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(name, own_state, tmp_path):
+    """A non-default objective with its own weights (projector, BatchNorm statistics; the teacher's EMA copy of
+    the model) resumes exactly."""
     cache = tmp_path / "cache"
-    objective = ["--set", "objective.name=vicreg", "--set", "objective.params.projector=[64,64]"]
+    widths = "[64,64]"
+    objective = ["--set", f"objective.name={name}", "--set", f"objective.params.projector={widths}"]
+    if name == "teacher":
+        objective += ["--set", f"objective.params.predictor={widths}"]
     (tmp_path / "ref").mkdir()
     reference_cfg = tiny_config(tmp_path / "ref", cache, epochs=1)
     run_pretrain(reference_cfg, *objective)
@@ -233,8 +276,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_vicreg(tmp_path):
     ckpt_dir = tmp_path / "kill" / "run" / "checkpoints"
     sigkill_after_checkpoint(config, ckpt_dir, 8, *objective)
     killed = latest_checkpoint(ckpt_dir)[0]
-    assert 0 < killed["step"] < reference["steps"] and killed["objective_name"] == "vicreg"
-    assert any(k.startswith("projector.") for k in killed["objective_state"]), "projector not checkpointed"
+    assert 0 < killed["step"] < reference["steps"] and killed["objective_name"] == name
+    for prefix in own_state:
+        assert any(k.startswith(prefix) for k in killed["objective_state"]), f"{prefix} not checkpointed"
     # Resuming with another objective is refused in one line.
     wrong = run_pretrain(config, "--resume", check=False)
     assert wrong.returncode == 2 and "objective.name" in wrong.stderr
@@ -245,3 +289,6 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_vicreg(tmp_path):
     for part in ("model_state", "objective_state"):
         assert a[part].keys() == b[part].keys()
         assert all(torch.allclose(a[part][k].float(), b[part][k].float(), atol=1e-4) for k in a[part]), part
+    if name == "teacher":
+        # the teacher moved once a step (the first move is a no-op: it starts as the student)
+        assert int(a["objective_state"]["moves"]) == summary["steps"]

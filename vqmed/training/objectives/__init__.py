@@ -7,6 +7,7 @@ a new objective is one entry in :data:`OBJECTIVES` and its tests.
 - ``reconstruction``: the VQ-VAE loss on one mildly augmented view.
 - ``vicreg``: the VQ-VAE loss on two views plus VICReg between their pooled encoder stages.
 - ``masked``: the VQ-VAE loss of reconstructing the whole image from a patch-masked copy.
+- ``teacher``: the VQ-VAE loss on two views plus BYOL against an EMA teacher's pooled encoder stages.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from vqmed.config import ConfigError, from_dict
 from vqmed.training.objectives.base import Objective, ObjectiveParams
 from vqmed.training.objectives.masked import MaskedReconstruction
 from vqmed.training.objectives.reconstruction import Reconstruction
+from vqmed.training.objectives.teacher import MomentumTeacher
 from vqmed.training.objectives.vicreg import VICReg
 
 __all__ = ["OBJECTIVES", "Objective", "ObjectiveParams", "build_objective", "objective_params"]
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Reconstruction, VICReg, MaskedReconstruction)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Reconstruction, VICReg, MaskedReconstruction, MomentumTeacher)}
 
 
 def objective_params(name: str, params: dict[str, Any] | None) -> ObjectiveParams:

@@ -24,7 +24,7 @@ from vqmed.networks import vqvae_loss
 from vqmed.networks.stages import stage_outputs
 from vqmed.training.objectives.base import Objective, ObjectiveParams
 
-__all__ = ["VICReg", "VICRegParams", "vicreg_terms"]
+__all__ = ["VICReg", "VICRegParams", "mlp", "pool_stats", "vicreg_terms"]
 
 
 @dataclasses.dataclass
@@ -100,10 +100,22 @@ def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-4) -> dict[
     return {"invariance": invariance, "variance": variance, "covariance": covariance}
 
 
-def _pool_stats(x: torch.Tensor) -> torch.Tensor:
+def pool_stats(x: torch.Tensor) -> torch.Tensor:
     """Mean and standard deviation over every spatial axis of ``[B, C, *spatial]`` -> ``[B, 2C]``."""
     flat = x.float().flatten(2)
     return torch.cat([flat.mean(dim=2), flat.std(dim=2)], dim=1)
+
+
+def mlp(in_features: int, widths: list[int]) -> nn.Sequential:
+    """Linear layers to ``widths``, BatchNorm and ReLU between them (not after the last): the projector
+    of VICReg and BYOL."""
+    layers: list[nn.Module] = []
+    for i, out in enumerate(widths):
+        layers.append(nn.Linear(in_features, int(out)))
+        if i < len(widths) - 1:
+            layers += [nn.BatchNorm1d(int(out)), nn.ReLU(inplace=True)]
+        in_features = int(out)
+    return nn.Sequential(*layers)
 
 
 class VICReg(Objective):
@@ -131,14 +143,8 @@ class VICReg(Objective):
         device = next(model.parameters()).device
         with torch.no_grad(), stage_outputs(self._stages(model)) as caught:
             model.encode(torch.zeros(2, *input_shape, device=device))
-        width = sum(_pool_stats(f).shape[1] for f in caught)
-        layers: list[nn.Module] = []
-        for i, out in enumerate(params.projector):
-            layers.append(nn.Linear(width, int(out)))
-            if i < len(params.projector) - 1:
-                layers += [nn.BatchNorm1d(int(out)), nn.ReLU(inplace=True)]
-            width = int(out)
-        self.projector = nn.Sequential(*layers).to(device)
+        width = sum(pool_stats(f).shape[1] for f in caught)
+        self.projector = mlp(width, params.projector).to(device)
 
     def _stages(self, model: nn.Module) -> list[nn.Module]:
         stages = model.feature_stages()
@@ -149,7 +155,7 @@ class VICReg(Objective):
         stages = self._stages(model)
         if p.reconstruct == "both":
             # rows 2i and 2i+1 are the two views of image i; one pass for both (a view, no copy)
-            with stage_outputs(stages, _pool_stats) as caught:
+            with stage_outputs(stages, pool_stats) as caught:
                 vq_loss, terms, _ = vqvae_loss(model, views.reshape(-1, *views.shape[2:]))
             z = self.projector(torch.cat(caught, dim=1))
             first, second = z[0::2], z[1::2]
@@ -158,7 +164,7 @@ class VICReg(Objective):
             second = views[:, 1]
             if p.second_view_scale < 1:
                 second = F.interpolate(second, scale_factor=p.second_view_scale, mode="area")
-            with stage_outputs(stages, _pool_stats) as caught:
+            with stage_outputs(stages, pool_stats) as caught:
                 vq_loss, terms, _ = vqvae_loss(model, views[:decoded, 0])
                 if decoded < len(views):
                     model.encode(views[decoded:, 0])
