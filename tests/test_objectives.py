@@ -185,31 +185,30 @@ def test_masked_objective_drops_hidden_patches_from_a_vit(views):
 
 def test_teacher_is_a_moving_average_of_the_student_without_gradients(views):
     """The teacher starts as the student, gets no gradient, and after training lies between its start and the
-    student (an EMA: closer to where it started than the student is, but moved); evaluation does not move it."""
+    student (an EMA: moved, but behind); evaluation does not move it."""
     torch.manual_seed(0)
     model = build_model("vqvae", spatial_dims=2, in_channels=1, out_channels=1, **TINY)
     objective = build_objective("teacher", {"momentum": 0.9, "reconstruct": "first"}, model, (1, 32, 32))
-    start = [p.detach().clone() for p in objective.teacher_model.parameters()]
+    teacher = objective.teacher.module["model"]
+    start = [p.detach().clone() for p in teacher.parameters()]
     assert all(torch.equal(t, s) for t, s in zip(start, model.parameters()))
     optimizer = torch.optim.Adam([*model.parameters(), *objective.parameters()], lr=2e-3)
     for step in range(10):
         loss, _ = objective(model, views[16 * (step % 4) : 16 * (step % 4 + 1)])
         optimizer.zero_grad()
         loss.backward()
-        assert all(p.grad is None for p in objective.teacher_model.parameters())
-        assert all(p.grad is None for p in objective.teacher_projector.parameters())
+        assert all(p.grad is None for p in objective.teacher.parameters())
         optimizer.step()
-    assert int(objective.moves) == 10
+    assert int(objective.teacher.n_averaged) == 10
 
     def distance(a, b):
         return sum(float((x - y).pow(2).sum()) for x, y in zip(a, b))
 
-    teacher = list(objective.teacher_model.parameters())
-    moved, behind = distance(teacher, start), distance(teacher, model.parameters())
+    moved, behind = distance(teacher.parameters(), start), distance(teacher.parameters(), model.parameters())
     assert moved > 0 and behind > 0 and distance(start, model.parameters()) > max(moved, behind)
     objective.eval()
     objective(model, views[:16])
-    assert int(objective.moves) == 10
+    assert int(objective.teacher.n_averaged) == 10
 
 
 def test_vicreg_terms_reward_agreement_and_spread():
@@ -256,7 +255,7 @@ def test_objective_config_errors_name_the_key(tmp_path):
 
 @pytest.mark.parametrize(
     "name, own_state",
-    [("vicreg", ("projector.",)), ("teacher", ("projector.", "predictor.", "teacher_model.", "teacher_projector."))],
+    [("vicreg", ("projector.",)), ("teacher", ("projector.", "predictor.", "teacher.module.model.", "teacher.module.projector."))],
 )
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(name, own_state, tmp_path):
     """A non-default objective with its own weights (projector, BatchNorm statistics; the teacher's EMA copy of
@@ -290,5 +289,5 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(name, own_state, tm
         assert a[part].keys() == b[part].keys()
         assert all(torch.allclose(a[part][k].float(), b[part][k].float(), atol=1e-4) for k in a[part]), part
     if name == "teacher":
-        # the teacher moved once a step (the first move is a no-op: it starts as the student)
-        assert int(a["objective_state"]["moves"]) == summary["steps"]
+        # the teacher was updated once a step (the first update copies the student it started as)
+        assert int(a["objective_state"]["teacher.n_averaged"]) == summary["steps"]

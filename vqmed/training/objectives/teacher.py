@@ -12,13 +12,13 @@ over space, the statistics the export's ``encoder_stats`` probes pool on a grid.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from vqmed.data.augment import AUGMENTATIONS
 from vqmed.networks import vqvae_loss
@@ -82,11 +82,11 @@ def _prediction_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Te
 class MomentumTeacher(Objective):
     """VQ-VAE loss plus ``weight`` x BYOL between the student's prediction and an EMA teacher's projection.
 
-    The teacher (a copy of the model and the projector) is part of this objective's state, so the engine
-    checkpoints and resumes it with the rest; its parameters never get a gradient (the optimiser skips them).
-    It moves towards the student at the start of every training forward pass, i.e. after the optimiser step
-    that the previous pass led to: the engine needs no hook, and a resumed run moves it exactly as the run it
-    continues (the number of moves is a buffer too).
+    The teacher (``torch.optim.swa_utils.AveragedModel`` of the model and the projector) is part of this
+    objective's state, so the engine checkpoints and resumes it with the rest (its count of updates
+    included); its parameters never get a gradient. It moves towards the student at the start of every
+    training forward pass, i.e. after the optimiser step that the previous pass led to, so the engine needs no
+    hook.
 
     Args:
         model: the VQ model (must expose ``feature_stages()``).
@@ -112,29 +112,19 @@ class MomentumTeacher(Objective):
         width = sum(pool_stats(f).shape[1] for f in caught)
         self.projector = mlp(width, params.projector).to(device)
         self.predictor = mlp(int(params.projector[-1]), params.predictor).to(device)
-        # The teacher starts as the student (BYOL); it is trained by the EMA alone.
-        self.teacher_model = copy.deepcopy(model)
-        self.teacher_projector = copy.deepcopy(self.projector)
-        for module in (self.teacher_model, self.teacher_projector):
-            module.requires_grad_(False)
-        self.register_buffer("moves", torch.zeros((), dtype=torch.long, device=device))
+        # The teacher: torch's EMA of a copy of the student (model and projector), trained by the average alone.
+        # Parameters only; its buffers (BatchNorm statistics) are not read, the teacher runs in training mode.
+        self.teacher = AveragedModel(self._student(model), multi_avg_fn=get_ema_multi_avg_fn(params.momentum))
+        # no gradient, so the optimiser skips it and DDP expects none
+        self.teacher.requires_grad_(False)
+
+    def _student(self, model: nn.Module) -> nn.ModuleDict:
+        """The modules the teacher averages, in the teacher's layout."""
+        return nn.ModuleDict({"model": model, "projector": self.projector})
 
     def _stages(self, model: nn.Module) -> list[nn.Module]:
         stages = model.feature_stages()
         return stages[-1:] if self.params.stages == "last" else stages
-
-    @torch.no_grad()
-    def _follow(self, model: nn.Module) -> None:
-        """Move the teacher a step towards the student: ``teacher <- m teacher + (1 - m) student``."""
-        m = self.params.momentum
-        pairs = [(self.teacher_model, model), (self.teacher_projector, self.projector)]
-        for teacher, student in pairs:
-            t_params, s_params = list(teacher.parameters()), list(student.parameters())
-            torch._foreach_lerp_(t_params, s_params, 1.0 - m)
-            # running statistics (BatchNorm) and the quantizer's buffers follow the student as they are
-            for t_buf, s_buf in zip(teacher.buffers(), student.buffers(), strict=True):
-                t_buf.copy_(s_buf)
-        self.moves += 1
 
     def _embed(self, model: nn.Module, projector: nn.Module, images: torch.Tensor) -> torch.Tensor:
         with stage_outputs(self._stages(model), pool_stats) as caught:
@@ -144,8 +134,8 @@ class MomentumTeacher(Objective):
     def forward(self, model: nn.Module, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p = self.params
         if self.training:
-            # a no-op on the first step: the teacher starts as a copy of the student
-            self._follow(model)
+            # teacher <- m teacher + (1 - m) student; the first call copies the student (as at the start)
+            self.teacher.update_parameters(self._student(model))
         stages = self._stages(model)
         first, second = views[:, 0], views[:, 1]
         if p.reconstruct == "both":
@@ -160,8 +150,9 @@ class MomentumTeacher(Objective):
             n = len(stages)
             z1, z2 = self.projector(torch.cat([torch.cat(caught[i : i + n], dim=1) for i in (0, n)], dim=0)).chunk(2)
         with torch.no_grad():
-            self.teacher_model.train(model.training)
-            t = self._embed(self.teacher_model, self.teacher_projector, torch.cat([first, second]))
+            teacher = self.teacher.module
+            teacher.train(model.training)
+            t = self._embed(teacher["model"], teacher["projector"], torch.cat([first, second]))
             t1, t2 = t.chunk(2)
         q1, q2 = self.predictor(torch.cat([z1, z2])).chunk(2)
         prediction = _prediction_loss(q1, t2) + _prediction_loss(q2, t1)
