@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from vqmed.atomic import TMP_PREFIX
 from vqmed.models_io.checkpoint import LAST, PREVIOUS, CheckpointError, latest_checkpoint, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +60,10 @@ def _start(config: Path, resume: bool, log: Path, env: dict) -> subprocess.Popen
 
 
 def _all_checkpoints_load(folder: Path) -> list[Path]:
-    files = sorted(folder.rglob("*.pt"))
+    """Every checkpoint under ``folder`` loads. A SIGKILL inside a write leaves the atomic writer's
+    ``.tmp-*`` file, never a torn checkpoint under a real name: those are not checkpoints (the next
+    resume removes them, which ``test_kills_leave_no_half_written_files`` checks)."""
+    files = sorted(p for p in folder.rglob("*.pt") if not p.name.startswith(TMP_PREFIX))
     for path in files:
         load_checkpoint(path)  # raises CheckpointError for a torn or unsafe file
     return files
