@@ -471,6 +471,7 @@ def test_benchmark_end_to_end_writes_outputs_and_mlflow_runs(kermany: dict, vq: 
     for name in ("benchmark.csv", "summary.json", "summary.md", "label_efficiency.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert Image.open(out / "label_efficiency.png").size[0] > 300
+    assert not (out / "tracking_backlog").exists()  # the tracking store took everything: no empty backlog folder
     table = pd.read_csv(out / "benchmark.csv")
     primary = ["vqvae", "random_encoder", "raw_pixels_logreg", "pca_logreg", "cnn_scratch"]
     main = table[~table.method.str.contains(r"\[")]

@@ -157,6 +157,45 @@ def test_vicreg_second_view_can_be_a_smaller_crop(views):
     _assert_vicreg_learns({"reconstruct": "first", "second_view_scale": 0.5}, views)
 
 
+def test_vicreg_second_view_can_be_masked(views):
+    """``second_view_mask: 0.5`` (Masked Siamese Networks) hides half of the second view's latent-cell patches,
+    filled with the view's mean, before the encoder: the first view is untouched and still decoded, the second
+    is never decoded, and the objective still learns."""
+    torch.manual_seed(0)
+    model = build_model("vqvae", spatial_dims=2, in_channels=1, out_channels=1, **TINY).eval()
+    params = {"reconstruct": "first", "second_view_mask": 0.5}
+    objective = build_objective("vicreg", params, model, (1, 32, 32))
+    seen, decoded = [], []
+    hooks = [model.encoder.register_forward_hook(lambda _m, i, _o: seen.append(i[0].detach().clone())),
+             model.decoder.register_forward_hook(lambda _m, i, _o: decoded.append(i[0].shape[0]))]
+    batch = views[:8]
+    objective(model, batch)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(seen[0], batch[:, 0]) and decoded == [8]
+    second, original = seen[1], batch[:, 1]
+    changed = torch.nn.functional.avg_pool2d((second != original).float(), objective.mask_patch)
+    # whole patches are replaced, about half of them in every view (a patch the fill leaves equal counts as kept)
+    assert bool(((changed == 0) | (changed > 0.5)).all())
+    assert ((changed > 0.5).float().mean(dim=(1, 2, 3)) > 0.45).all()
+    hidden = changed.repeat_interleave(objective.mask_patch, 2).repeat_interleave(objective.mask_patch, 3) > 0.5
+    fill = original.mean(dim=(1, 2, 3), keepdim=True).expand_as(original)
+    assert torch.allclose(second[hidden], fill[hidden])
+    _assert_vicreg_learns(params, views)
+
+    # a momentum teacher's targets stay whole (MSN): the student encodes the masked second view, the teacher not
+    teacher = build_objective("teacher", params, model, (1, 32, 32))
+    student_seen, teacher_seen = [], []
+    hooks = [model.encoder.register_forward_hook(lambda _m, i, _o: student_seen.append(i[0].detach().clone())),
+             teacher.teacher.module["model"].encoder.register_forward_hook(
+                 lambda _m, i, _o: teacher_seen.append(i[0].detach().clone()))]
+    teacher(model, batch)
+    for hook in hooks:
+        hook.remove()
+    assert not torch.equal(student_seen[1], batch[:, 1])
+    assert torch.equal(teacher_seen[0], batch[:, 0]) and torch.equal(teacher_seen[1], batch[:, 1])
+
+
 def test_masked_objective_drops_hidden_patches_from_a_vit(views):
     """With the ViT VQ-VAE the masked objective hides patches by dropping their tokens (MAE): the encoder sees
     only the visible quarter, the objective's mask token is trained, and the reconstruction improves."""
@@ -241,6 +280,8 @@ def test_objective_config_errors_name_the_key(tmp_path):
         ({"name": "vicreg", "params": {"second_view_scale": 0.5}}, "objective.params.second_view_scale < 1 needs"),
         ({"name": "vicreg", "params": {"second_view_scale": 0}}, "objective.params.second_view_scale"),
         ({"name": "vicreg", "params": {"decode_fraction": 0.5}}, "objective.params.decode_fraction < 1 needs"),
+        ({"name": "vicreg", "params": {"second_view_mask": 0.5}}, "objective.params.second_view_mask > 0 needs"),
+        ({"name": "vicreg", "params": {"reconstruct": "first", "second_view_mask": 1.0}}, "objective.params.second_view_mask"),
         ({"name": "vicreg", "params": {"reconstruct": "first", "decode_fraction": 1.5}}, "objective.params.decode_fraction"),
         ({"name": "masked", "params": {"mask_ratio": 1.5}}, "objective.params.mask_ratio"),
         ({"name": "vicreg", "params": {"weight": "high"}}, "objective.params.weight"),

@@ -100,6 +100,7 @@ def test_summary_and_checkpoint(finished_run):
     assert final["step"] == summary["steps"] and "optimizer_state" not in final
     state, _ = latest_checkpoint(tmp / "run" / "checkpoints")
     assert state["step"] == summary["steps"]
+    assert not (tmp / "run" / "tracking_backlog").exists()  # tracking took everything: no empty backlog folder
 
 
 def test_mlflow_run_holds_params_metrics_figures_model(finished_run):

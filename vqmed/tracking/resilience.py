@@ -68,15 +68,16 @@ def _server_answers() -> bool:
 
 
 def _backlog() -> Path:
-    folder = _STATE["dir"] or Path("tracking_backlog")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / BACKLOG_FILE
+    """The backlog file's path; its folder is made by :func:`_keep`, the first time something is kept, so a run
+    whose server never failed leaves no empty folder."""
+    return (_STATE["dir"] or Path("tracking_backlog")) / BACKLOG_FILE
 
 
 def _keep(record: dict[str, Any] | None) -> None:
     if record is None:
         return
     record = dict(record)
+    _backlog().parent.mkdir(parents=True, exist_ok=True)
     if record.get("kind") == "artifact":  # the file is often a temporary one: keep a copy
         folder = _backlog().parent / "artifacts"
         folder.mkdir(exist_ok=True)
@@ -203,6 +204,8 @@ def flush_backlog() -> int:
     else:
         path.unlink()
         shutil.rmtree(path.parent / "artifacts", ignore_errors=True)
+        if not any(path.parent.iterdir()):  # all sent: no empty folder left behind
+            path.parent.rmdir()
     return sent
 
 

@@ -102,7 +102,7 @@ class MomentumTeacher(TwoViewObjective):
         teacher.train(training)
         with stage_outputs(self.stages_of(teacher["model"]), pool_stats) as caught:
             teacher["model"].encode(views[:, 0])
-            teacher["model"].encode(self.second_view(views))
+            teacher["model"].encode(self.second_view(views, masked=False))  # the targets stay whole (MSN)
         n = len(caught) // 2
         pooled = torch.cat([torch.cat(caught[:n], dim=1), torch.cat(caught[n:], dim=1)], dim=0)
         return teacher["projector"](pooled).chunk(2)

@@ -16,6 +16,7 @@ from vqmed.data.augment import AUGMENTATIONS
 from vqmed.networks import vqvae_loss
 from vqmed.networks.stages import stage_outputs
 from vqmed.training.objectives.base import Objective, ObjectiveParams
+from vqmed.training.objectives.masked import patch_mask
 
 __all__ = ["TwoViewObjective", "TwoViewParams", "mlp", "pool_stats"]
 
@@ -36,6 +37,12 @@ class TwoViewParams(ObjectiveParams):
         decode_fraction: share of the batch whose first view the VQ-VAE loss decodes, with ``reconstruct:
             first``; the other first views only go through the encoder (the embedding still sees every
             image). The decoder is most of a step's cost at 64x64 (0.2 s of 0.32 for 32 images on 2 cores).
+        second_view_mask: share of the second view's patches hidden (filled with the view's mean) before the
+            encoder, with ``reconstruct: first``: the masked view must still agree with the whole first view,
+            as in Masked Siamese Networks (Assran et al., ECCV 2022, "Masked Siamese Networks for
+            Label-Efficient Learning"). 0 hides nothing.
+        mask_patch: side in pixels (voxels) of a hidden patch of the second view; ``None`` = the model's
+            downsampling factor (one latent cell per patch).
     """
 
     projector: list[int] = field(default_factory=lambda: [1024, 1024])
@@ -44,6 +51,8 @@ class TwoViewParams(ObjectiveParams):
     reconstruct: str = "both"
     second_view_scale: float = 1.0
     decode_fraction: float = 1.0
+    second_view_mask: float = 0.0
+    mask_patch: int | None = None
 
     def validate(self) -> None:
         if not self.projector or any(int(w) < 1 for w in self.projector):
@@ -61,6 +70,13 @@ class TwoViewParams(ObjectiveParams):
                 raise ValueError(f"{key} must be in (0, 1], got {value}")
             if value < 1 and self.reconstruct != "first":
                 raise ValueError(f"{key} < 1 needs reconstruct: first, got reconstruct: {self.reconstruct!r}")
+        if not 0 <= self.second_view_mask < 1:
+            raise ValueError(f"second_view_mask must be in [0, 1), got {self.second_view_mask}")
+        # a masked second view is no decoder target (MSN masks only the view that is matched, never decoded)
+        if self.second_view_mask > 0 and self.reconstruct != "first":
+            raise ValueError(f"second_view_mask > 0 needs reconstruct: first, got reconstruct: {self.reconstruct!r}")
+        if self.mask_patch is not None and self.mask_patch < 1:
+            raise ValueError(f"mask_patch must be >= 1 or null, got {self.mask_patch}")
 
 
 def pool_stats(x: torch.Tensor) -> torch.Tensor:
@@ -107,15 +123,27 @@ class TwoViewObjective(Objective):
             model.encode(torch.zeros(2, *input_shape, device=device))
         width = sum(pool_stats(f).shape[1] for f in caught)
         self.projector = mlp(width, params.projector).to(device)
+        self.mask_patch = int(params.mask_patch or getattr(model, "downsample", None) or 8)
+        if params.second_view_mask > 0 and any(s % self.mask_patch for s in input_shape[1:]):
+            raise ValueError(
+                f"objective {self.name!r}: mask_patch {self.mask_patch} does not divide the input size {input_shape[1:]}"
+            )
 
     def stages_of(self, model: nn.Module) -> list[nn.Module]:
         """The encoder stages the embedding pools (of the student, or of a copy of it)."""
         stages = model.feature_stages()
         return stages[-1:] if self.params.stages == "last" else stages
 
-    def second_view(self, views: torch.Tensor) -> torch.Tensor:
-        """The second views ``[B, C, *spatial]`` as the encoder sees them (``second_view_scale``)."""
+    def second_view(self, views: torch.Tensor, masked: bool = True) -> torch.Tensor:
+        """The second views ``[B, C, *spatial]`` as the encoder sees them (``second_view_mask`` unless not
+        ``masked``, e.g. for a teacher's targets, which MSN keeps whole; then ``second_view_scale``)."""
         second = views[:, 1]
+        if masked and self.params.second_view_mask > 0:
+            # hidden patches take the view's mean, as the ``masked`` objective fills them (a convolution
+            # cannot drop tokens)
+            mask = patch_mask(tuple(second.shape), self.mask_patch, self.params.second_view_mask, second.device)
+            fill = second.flatten(2).mean(dim=2).view(*second.shape[:2], *([1] * (second.dim() - 2)))
+            second = second * (1 - mask) + fill * mask
         if self.params.second_view_scale < 1:
             second = F.interpolate(second, scale_factor=self.params.second_view_scale, mode="area")
         return second
