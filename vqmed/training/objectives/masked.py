@@ -21,7 +21,7 @@ from torch import nn
 from vqmed.networks import vqvae_loss
 from vqmed.training.objectives.base import Objective, ObjectiveParams
 
-__all__ = ["MaskedReconstruction", "MaskedParams", "patch_mask"]
+__all__ = ["MaskedReconstruction", "MaskedParams", "fill_hidden", "patch_mask", "patch_size_for"]
 
 
 @dataclasses.dataclass
@@ -58,6 +58,24 @@ def patch_mask(shape: tuple[int, ...], patch: int, ratio: float, device: torch.d
     return F.interpolate(hidden, size=tuple(spatial), mode="nearest")
 
 
+def patch_size_for(
+    name: str, model: nn.Module, patch: int | None, input_shape: tuple[int, ...], key: str = "patch"
+) -> int:
+    """The side of a hidden patch: ``patch``, or the model's downsampling factor (one latent cell per patch);
+    it must divide the input size. ``name`` (the objective) and ``key`` (its parameter) name it in the error."""
+    size = int(patch or getattr(model, "downsample", None) or 8)
+    if any(s % size for s in input_shape[1:]):
+        raise ValueError(f"objective {name!r}: {key} {size} does not divide the input size {input_shape[1:]}")
+    return size
+
+
+def fill_hidden(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, C, *spatial]`` with the pixels where ``mask`` is 1 replaced by each image's mean per channel
+    (a convolution cannot drop tokens, so hidden patches carry no content instead)."""
+    fill = x.flatten(2).mean(dim=2).view(*x.shape[:2], *([1] * (x.dim() - 2)))
+    return x * (1 - mask) + fill * mask
+
+
 class MaskedReconstruction(Objective):
     """Reconstruct the whole image from a copy with ``mask_ratio`` of its patches filled with its mean (or,
     for a model that drops patches, from the visible patches alone).
@@ -73,9 +91,7 @@ class MaskedReconstruction(Objective):
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], params: MaskedParams) -> None:
         super().__init__(model, input_shape, params)
-        self.patch = int(params.patch or getattr(model, "downsample", None) or 8)
-        if any(s % self.patch for s in input_shape[1:]):
-            raise ValueError(f"objective 'masked': patch {self.patch} does not divide the input size {input_shape[1:]}")
+        self.patch = patch_size_for(self.name, model, params.patch, input_shape)
         self.drops_patches = bool(getattr(model, "drops_hidden_patches", False))
         if self.drops_patches:
             if any(self.patch % p for p in model.patch_size):
@@ -95,6 +111,5 @@ class MaskedReconstruction(Objective):
             hidden = F.interpolate(mask, size=model.grid, mode="nearest")[:, 0].bool()
             loss, terms, _ = vqvae_loss(model, x, hidden=hidden, mask_token=self.mask_token)
             return loss, {"loss": loss, **terms}
-        fill = x.flatten(2).mean(dim=2).view(x.shape[0], x.shape[1], *([1] * (x.dim() - 2)))
-        loss, terms, _ = vqvae_loss(model, x * (1 - mask) + fill * mask, target=x)
+        loss, terms, _ = vqvae_loss(model, fill_hidden(x, mask), target=x)
         return loss, {"loss": loss, **terms}

@@ -16,7 +16,7 @@ from vqmed.data.augment import AUGMENTATIONS
 from vqmed.networks import vqvae_loss
 from vqmed.networks.stages import stage_outputs
 from vqmed.training.objectives.base import Objective, ObjectiveParams
-from vqmed.training.objectives.masked import patch_mask
+from vqmed.training.objectives.masked import fill_hidden, patch_mask, patch_size_for
 
 __all__ = ["TwoViewObjective", "TwoViewParams", "mlp", "pool_stats"]
 
@@ -123,11 +123,8 @@ class TwoViewObjective(Objective):
             model.encode(torch.zeros(2, *input_shape, device=device))
         width = sum(pool_stats(f).shape[1] for f in caught)
         self.projector = mlp(width, params.projector).to(device)
-        self.mask_patch = int(params.mask_patch or getattr(model, "downsample", None) or 8)
-        if params.second_view_mask > 0 and any(s % self.mask_patch for s in input_shape[1:]):
-            raise ValueError(
-                f"objective {self.name!r}: mask_patch {self.mask_patch} does not divide the input size {input_shape[1:]}"
-            )
+        if params.second_view_mask > 0:
+            self.mask_patch = patch_size_for(self.name, model, params.mask_patch, input_shape, "mask_patch")
 
     def stages_of(self, model: nn.Module) -> list[nn.Module]:
         """The encoder stages the embedding pools (of the student, or of a copy of it)."""
@@ -139,11 +136,8 @@ class TwoViewObjective(Objective):
         ``masked``, e.g. for a teacher's targets, which MSN keeps whole; then ``second_view_scale``)."""
         second = views[:, 1]
         if masked and self.params.second_view_mask > 0:
-            # hidden patches take the view's mean, as the ``masked`` objective fills them (a convolution
-            # cannot drop tokens)
             mask = patch_mask(tuple(second.shape), self.mask_patch, self.params.second_view_mask, second.device)
-            fill = second.flatten(2).mean(dim=2).view(*second.shape[:2], *([1] * (second.dim() - 2)))
-            second = second * (1 - mask) + fill * mask
+            second = fill_hidden(second, mask)
         if self.params.second_view_scale < 1:
             second = F.interpolate(second, scale_factor=self.params.second_view_scale, mode="area")
         return second
