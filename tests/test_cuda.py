@@ -2,9 +2,9 @@
 
 Skipped without a CUDA device. One real short run of ``configs/pretrain/cxr_64.yaml`` (a few hundred
 Kermany train images at 64x64) on the GPU with ``train.amp=bf16``, ``train.compile=true`` and
-``train.channels_last=true``: the Trainer really took that path, the loss falls, the codebook is used,
-checkpoints are written and a later run resumes from them, and the bf16 forward pass of the trained
-model agrees with its fp32 forward pass.
+``train.channels_last=true``: the Trainer really took that path, the reconstruction and the VICReg term fall,
+the codebook is used, checkpoints are written and a later run resumes from them, and the bf16 forward pass of
+the trained model agrees with its fp32 forward pass.
 """
 
 from __future__ import annotations
@@ -88,7 +88,12 @@ def test_loss_falls_and_codebook_is_used(cuda_run):
     loss = [value for _, value in cuda_run["history"]["train/loss"]]
     assert len(loss) == summary["steps"] >= 2 * 8  # ~300 training images / 32 = 9 steps an epoch
     assert all(math.isfinite(v) for v in loss), "non-finite training loss under bf16 autocast"
-    assert np.mean(loss[-3:]) < 0.5 * np.mean(loss[:3]), f"training loss did not fall: {loss}"
+    # cxr_64 trains vicreg: the reconstruction falls fast, the VICReg term (most of the loss) slowly
+    recon = [value for _, value in cuda_run["history"]["train/recon_mse"]]
+    vicreg = [value for _, value in cuda_run["history"]["train/vicreg"]]
+    assert np.mean(recon[-3:]) < 0.5 * np.mean(recon[:3]), f"reconstruction did not fall: {recon}"
+    assert np.mean(vicreg[-3:]) < np.mean(vicreg[:3]), f"VICReg term did not fall: {vicreg}"
+    assert np.mean(loss[-3:]) < np.mean(loss[:3]), f"training loss did not fall: {loss}"
     assert summary["codebook_usage"] >= 0.05 and summary["perplexity"] > 10, summary
     assert math.isfinite(summary["val_psnr"]) and summary["val_psnr"] > 15.0, summary
 
