@@ -183,6 +183,9 @@ def test_vicreg_second_view_can_be_masked(views):
     assert torch.allclose(second[hidden], fill[hidden])
     _assert_vicreg_learns(params, views)
 
+    with pytest.raises(ConfigError, match="^objective 'vicreg': mask_patch 5 does not divide the input size"):
+        build_objective("vicreg", {**params, "mask_patch": 5}, model, (1, 32, 32))
+
     # a momentum teacher's targets stay whole (MSN): the student encodes the masked second view, the teacher not
     teacher = build_objective("teacher", params, model, (1, 32, 32))
     student_seen, teacher_seen = [], []

@@ -52,4 +52,4 @@ def build_objective(name: str, params: dict[str, Any] | None, model: nn.Module, 
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"objective: {exc}") from None
+        raise ConfigError(f"objective {name!r}: {exc}") from None  # the objective's own errors do not repeat its name

@@ -58,14 +58,12 @@ def patch_mask(shape: tuple[int, ...], patch: int, ratio: float, device: torch.d
     return F.interpolate(hidden, size=tuple(spatial), mode="nearest")
 
 
-def patch_size_for(
-    name: str, model: nn.Module, patch: int | None, input_shape: tuple[int, ...], key: str = "patch"
-) -> int:
+def patch_size_for(model: nn.Module, patch: int | None, input_shape: tuple[int, ...], key: str = "patch") -> int:
     """The side of a hidden patch: ``patch``, or the model's downsampling factor (one latent cell per patch);
-    it must divide the input size. ``name`` (the objective) and ``key`` (its parameter) name it in the error."""
+    it must divide the input size. ``key`` (the parameter) names it in the error."""
     size = int(patch or getattr(model, "downsample", None) or 8)
     if any(s % size for s in input_shape[1:]):
-        raise ValueError(f"objective {name!r}: {key} {size} does not divide the input size {input_shape[1:]}")
+        raise ValueError(f"{key} {size} does not divide the input size {input_shape[1:]}")
     return size
 
 
@@ -91,12 +89,12 @@ class MaskedReconstruction(Objective):
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], params: MaskedParams) -> None:
         super().__init__(model, input_shape, params)
-        self.patch = patch_size_for(self.name, model, params.patch, input_shape)
+        self.patch = patch_size_for(model, params.patch, input_shape)
         self.drops_patches = bool(getattr(model, "drops_hidden_patches", False))
         if self.drops_patches:
             if any(self.patch % p for p in model.patch_size):
                 raise ValueError(
-                    f"objective 'masked': patch {self.patch} must be a multiple of the model's patch_size "
+                    f"patch {self.patch} must be a multiple of the model's patch_size "
                     f"{model.patch_size}, so that every token is wholly hidden or visible"
                 )
             # the decoder's token for a hidden patch (MAE); zero-mean, small, like the position embeddings

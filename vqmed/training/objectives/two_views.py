@@ -116,7 +116,7 @@ class TwoViewObjective(Objective):
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], params: TwoViewParams) -> None:
         super().__init__(model, input_shape, params)
         if not model.feature_stages():
-            raise ValueError(f"objective {self.name!r} needs a model with encoder stages; {type(model).__name__} has none")
+            raise ValueError(f"needs a model with encoder stages; {type(model).__name__} has none")
         # One dry encoder pass sizes the projector (no codebook update: encode() does not quantize).
         device = next(model.parameters()).device
         with torch.no_grad(), stage_outputs(self.stages_of(model)) as caught:
@@ -124,7 +124,7 @@ class TwoViewObjective(Objective):
         width = sum(pool_stats(f).shape[1] for f in caught)
         self.projector = mlp(width, params.projector).to(device)
         if params.second_view_mask > 0:
-            self.mask_patch = patch_size_for(self.name, model, params.mask_patch, input_shape, "mask_patch")
+            self.mask_patch = patch_size_for(model, params.mask_patch, input_shape, "mask_patch")
 
     def stages_of(self, model: nn.Module) -> list[nn.Module]:
         """The encoder stages the embedding pools (of the student, or of a copy of it)."""
