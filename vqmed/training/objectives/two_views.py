@@ -123,8 +123,10 @@ class TwoViewObjective(Objective):
             model.encode(torch.zeros(2, *input_shape, device=device))
         width = sum(pool_stats(f).shape[1] for f in caught)
         self.projector = mlp(width, params.projector).to(device)
-        if params.second_view_mask > 0:
-            self.mask_patch = patch_size_for(model, params.mask_patch, input_shape, "mask_patch")
+        # the side of the second view's hidden patches (None when nothing is hidden)
+        self.mask_patch = (
+            patch_size_for(model, params.mask_patch, input_shape, "mask_patch") if params.second_view_mask > 0 else None
+        )
 
     def stages_of(self, model: nn.Module) -> list[nn.Module]:
         """The encoder stages the embedding pools (of the student, or of a copy of it)."""
