@@ -211,3 +211,19 @@ def test_ddp_two_cpu_processes_hold_identical_weights(tmp_path, cache):
     # Each rank hashed its own weights and codebooks after the last step: they must agree bit for bit.
     hashes = summary["rank_state_hashes"]
     assert len(hashes) == 2 and hashes[0] == hashes[1]
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_no_nan_weights(tmp_path):
+    """A learning rate far too high makes the loss infinite / NaN within a few steps: the run stops at the first
+    non-finite loss with a one-line error naming the step and the remedy, before the optimiser applies it,
+    so no checkpoint on disk holds a NaN weight."""
+    config = tiny_config(tmp_path, tmp_path / "cache", lr=1.0e12, warmup_steps=0, checkpoint_every=1)
+    result = run_pretrain(config, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("vqmed pretrain: error: step ") and "the loss is not finite" in error, error
+    assert "lower train.lr or set train.grad_clip" in error
+    found = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert found is not None and found[0]["step"] >= 1, "the steps before the divergence were checkpointed"
+    assert f"the checkpoint of step {found[0]['step']} in" in error
+    assert all(torch.isfinite(t).all() for t in found[0]["model_state"].values() if t.is_floating_point())

@@ -338,6 +338,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("vqmed.data", "UnreadableImageError"),
         ("vqmed.models_io", "CheckpointError"),
         ("vqmed.tracking", "TrackingServerError"),
+        ("vqmed.training", "DivergedError"),
     ):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))

@@ -6,7 +6,7 @@ seeding, schedule, signals, history) and the objectives it minimises (``objectiv
 name). The checkpoint format and ``load_model`` live one floor down, in :mod:`vqmed.models_io`.
 """
 
-from vqmed.training.engine import pretrain
+from vqmed.training.engine import DivergedError, pretrain
 from vqmed.training.objectives import OBJECTIVES, build_objective
 
-__all__ = ["OBJECTIVES", "build_objective", "pretrain"]
+__all__ = ["OBJECTIVES", "DivergedError", "build_objective", "pretrain"]

@@ -332,6 +332,17 @@ class Trainer:
         )
         with autocast:
             loss, metrics = self.net(views)
+        if not torch.isfinite(loss.detach()).item():
+            # A NaN or infinite loss would otherwise train on: one step turns every weight into NaN and the
+            # run writes NaN checkpoints. Stop before the step, so the checkpoints on disk stay good.
+            terms = ", ".join(f"{name}={value.item():.4g}" for name, value in metrics.items())
+            found = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir.exists() else None
+            kept = (f"the checkpoint of step {found[0]['step']} in {self.ckpt_dir} is the last good state"
+                    if found else "no checkpoint was written yet")
+            raise DivergedError(
+                f"step {self.step + 1}: the loss is not finite ({terms}); nothing was stepped and {kept}: lower "
+                "train.lr or set train.grad_clip, then start again (or --resume from that checkpoint)"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip:
@@ -498,6 +509,10 @@ class Trainer:
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai", "vqmed"],
             metadata={"model_name": self.cfg.model.name, "model_config": json.dumps(self.model_args)},
         )
+
+
+class DivergedError(FloatingPointError):
+    """The pretraining loss became NaN or infinite; raised before the step, the checkpoints are intact."""
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any] | None:
