@@ -67,3 +67,23 @@ def test_quick_run_writes_every_section(tmp_path):
     assert all(positive(e["train_images_per_second"]) for e in wait)
     assert positive(data["peak_memory_mb"])
     assert set(r["acceptance"]) >= {"train_ratio_128", "encode_ratio_128", "psnr_difference_db_128", "data_wait_ok"}
+
+
+def test_objective_step_times_every_contender_against_the_base(tmp_path):
+    """``benchmarks/objective_step.py`` on real films with tiny budgets: each contender is timed with its own
+    objective parameters (the variant's on top of the base's), and the base's ratio to itself is 1."""
+    out = tmp_path / "objective_step.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "objective_step.py"), "--base", '{"reconstruct": "first"}',
+         "--variant", 'grid2={"embedding_grid": 2}', "--steps", "2", "--rounds", "2", "--warmup", "1",
+         "--images", "32", "--threads", "1", "--data-root", str(DATA_ROOT), "--cache-dir", str(tmp_path / "cache"),
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(out.read_text())["contenders"]
+    assert set(r) == {"base", "grid2"} and "ratio to base" in result.stdout
+    assert r["base"]["params"]["reconstruct"] == "first" and "embedding_grid" not in r["base"]["params"]
+    assert r["grid2"]["params"]["embedding_grid"] == 2 and r["grid2"]["params"]["reconstruct"] == "first"
+    assert r["base"]["ratio_to_base"] == 1.0
+    assert all(positive(c["seconds_per_step"]) and positive(c["images_per_second"]) for c in r.values())

@@ -157,6 +157,26 @@ def test_vicreg_second_view_can_be_a_smaller_crop(views):
     _assert_vicreg_learns({"reconstruct": "first", "second_view_scale": 0.5}, views)
 
 
+def test_vicreg_embedding_can_keep_a_grid_of_cells(views):
+    """``embedding_grid: 2`` pools each stage's mean and spread in 2x2 cells: the projector sees four times the
+    whole-image statistics, a cell's spread is its own (not the image's), a constant cell still has finite
+    gradients, and the objective learns."""
+    torch.manual_seed(0)
+    model = build_model("vqvae", spatial_dims=2, in_channels=1, out_channels=1, **TINY)
+    whole = build_objective("vicreg", {}, model, (1, 32, 32))
+    grid = build_objective("vicreg", {"embedding_grid": 2}, model, (1, 32, 32))
+    assert grid.projector[0].in_features == 4 * whole.projector[0].in_features
+    stage = torch.zeros(2, 3, 8, 8)
+    stage[:, :, :4, :4] = torch.randn(2, 3, 4, 4)  # one textured cell, three constant ones
+    stats = grid.pool(stage).view(2, 2, 3, 4)  # [B, mean / spread, channel, cell]
+    assert torch.allclose(stats[:, 1, :, 0], stage[:, :, :4, :4].flatten(2).std(dim=2, unbiased=False), atol=1e-3)
+    assert torch.all(stats[:, 1, :, 1:] < 1e-2)
+    stage.requires_grad_(True)
+    grid.pool(stage).sum().backward()
+    assert torch.isfinite(stage.grad).all()
+    _assert_vicreg_learns({"embedding_grid": 2}, views)
+
+
 def test_vicreg_second_view_can_be_masked(views):
     """``second_view_mask: 0.5`` (Masked Siamese Networks) hides half of the second view's latent-cell patches,
     filled with the view's mean, before the encoder: the first view is untouched and still decoded, the second
@@ -286,6 +306,7 @@ def test_objective_config_errors_name_the_key(tmp_path):
         ({"name": "vicreg", "params": {"second_view_mask": 0.5}}, "objective.params.second_view_mask > 0 needs"),
         ({"name": "vicreg", "params": {"reconstruct": "first", "second_view_mask": 1.0}}, "objective.params.second_view_mask"),
         ({"name": "vicreg", "params": {"reconstruct": "first", "decode_fraction": 1.5}}, "objective.params.decode_fraction"),
+        ({"name": "vicreg", "params": {"embedding_grid": 0}}, "objective.params.embedding_grid"),
         ({"name": "masked", "params": {"mask_ratio": 1.5}}, "objective.params.mask_ratio"),
         ({"name": "vicreg", "params": {"weight": "high"}}, "objective.params.weight"),
         ({"name": "teacher", "params": {"momentum": 1.0}}, "objective.params.momentum"),

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vqmed.networks.stages import stage_outputs
+from vqmed.networks.stages import grid_mean_std, grid_pool, stage_outputs
 
 __all__ = ["ARRAYS", "REQUIRED_ARRAYS", "compute_features", "codebooks", "codebook_hash", "select_arrays"]
 
@@ -40,21 +40,6 @@ def _levels(model: nn.Module) -> int:
 # Cells per axis of the spatially pooled continuous features: a 4x4 grid keeps where a finding lies
 # (upper vs lower lobe, left vs right) at 16 x D numbers per study.
 GRID = 4
-
-
-def _grid_pool(x: torch.Tensor) -> torch.Tensor:
-    """Mean of ``[B, D, *spatial]`` over a ``GRID`` x ... x ``GRID`` partition -> ``[B, D, GRID, ...]``."""
-    pool = nn.functional.adaptive_avg_pool3d if x.dim() == 5 else nn.functional.adaptive_avg_pool2d
-    return pool(x, GRID)
-
-
-def _grid_mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cell mean and standard deviation of ``[B, D, *spatial]`` on the ``GRID`` partition, each
-    flattened to ``[B, D * cells]``. The spread says how much a feature varies inside a cell (texture:
-    a hazy opacity against the clear lung), which the mean alone averages away."""
-    mean = _grid_pool(x)
-    var = (_grid_pool(x * x) - mean * mean).clamp_min(0.0)
-    return mean.flatten(1), var.sqrt().flatten(1)
 
 
 def _pool(x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +90,7 @@ def compute_features(model: nn.Module, images: torch.Tensor) -> dict[str, np.nda
     # The encoder's intermediate activations, caught on the way through the one encoder pass below:
     # their per-cell mean and spread on a coarse grid are the features that carry the most for
     # few-label probes (measured on Kermany, see the README; the pooled code vectors stay behind).
-    with stage_outputs(model.feature_stages(), lambda out: _grid_mean_std(out.float())) as stages:
+    with stage_outputs(model.feature_stages(), lambda out: grid_mean_std(out.float(), GRID)) as stages:
         z = model.encode(images)
     # One encoder pass gives both the continuous latents and the codes; quantize() in eval mode is a
     # pure nearest-code lookup, the same one index_quantize() does.
@@ -122,7 +107,7 @@ def compute_features(model: nn.Module, images: torch.Tensor) -> dict[str, np.nda
         "quantized_mean": _quantized_mean(quantizers[0], bottom).cpu().numpy(),
         "code_histogram": _histogram(bottom, k).cpu().numpy(),
         "continuous_mean": _pool(z_bottom.float()).cpu().numpy(),
-        "continuous_grid": _grid_pool(z_bottom.float()).cpu().numpy(),
+        "continuous_grid": grid_pool(z_bottom.float(), GRID).cpu().numpy(),
     }
     if stages:
         # float16 halves the store; pooled activations need no more precision for a linear probe

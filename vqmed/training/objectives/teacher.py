@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from vqmed.networks.stages import stage_outputs
-from vqmed.training.objectives.two_views import TwoViewObjective, TwoViewParams, mlp, pool_stats
+from vqmed.training.objectives.two_views import TwoViewObjective, TwoViewParams, mlp
 
 __all__ = ["MomentumTeacher", "TeacherParams"]
 
@@ -100,7 +100,7 @@ class MomentumTeacher(TwoViewObjective):
         student's (one projector pass over both, so its BatchNorm sees them together)."""
         teacher = self.teacher.module
         teacher.train(training)
-        with stage_outputs(self.stages_of(teacher["model"]), pool_stats) as caught:
+        with stage_outputs(self.stages_of(teacher["model"]), self.pool) as caught:
             teacher["model"].encode(views[:, 0])
             teacher["model"].encode(self.second_view(views, masked=False))  # the targets stay whole (MSN)
         n = len(caught) // 2

@@ -14,7 +14,7 @@ from torch import nn
 
 from vqmed.data.augment import AUGMENTATIONS
 from vqmed.networks import vqvae_loss
-from vqmed.networks.stages import stage_outputs
+from vqmed.networks.stages import grid_mean_std, stage_outputs
 from vqmed.training.objectives.base import Objective, ObjectiveParams
 from vqmed.training.objectives.masked import fill_hidden, patch_mask, patch_size_for
 
@@ -43,6 +43,11 @@ class TwoViewParams(ObjectiveParams):
             Label-Efficient Learning"). 0 hides nothing.
         mask_patch: side in pixels (voxels) of a hidden patch of the second view; ``None`` = the model's
             downsampling factor (one latent cell per patch).
+        embedding_grid: cells per axis the stages' mean and spread are pooled on before the projector: 1 pools
+            over the whole image; 2 keeps a 2x2 grid of cells (after VICRegL, Bardes et al., NeurIPS 2022,
+            which matches local features too), so each region's statistics, the kind the ``encoder_stats``
+            probes read on a 4x4 grid, must carry what the two views share. The views' geometric
+            augmentation moves a cell's content by a fraction of a cell, so cells stay roughly aligned.
     """
 
     projector: list[int] = field(default_factory=lambda: [1024, 1024])
@@ -53,6 +58,7 @@ class TwoViewParams(ObjectiveParams):
     decode_fraction: float = 1.0
     second_view_mask: float = 0.0
     mask_patch: int | None = None
+    embedding_grid: int = 1
 
     def validate(self) -> None:
         if not self.projector or any(int(w) < 1 for w in self.projector):
@@ -77,10 +83,16 @@ class TwoViewParams(ObjectiveParams):
             raise ValueError(f"second_view_mask > 0 needs reconstruct: first, got reconstruct: {self.reconstruct!r}")
         if self.mask_patch is not None and self.mask_patch < 1:
             raise ValueError(f"mask_patch must be >= 1 or null, got {self.mask_patch}")
+        if self.embedding_grid < 1:
+            raise ValueError(f"embedding_grid must be >= 1, got {self.embedding_grid}")
 
 
-def pool_stats(x: torch.Tensor) -> torch.Tensor:
-    """Mean and standard deviation over every spatial axis of ``[B, C, *spatial]`` -> ``[B, 2C]``."""
+def pool_stats(x: torch.Tensor, cells: int = 1) -> torch.Tensor:
+    """Mean and standard deviation of ``[B, C, *spatial]`` over every spatial axis (``cells`` 1) -> ``[B, 2C]``,
+    or in each cell of a ``cells`` x ... x ``cells`` grid -> ``[B, 2C * cells**n]``."""
+    if cells > 1:
+        return torch.cat(grid_mean_std(x.float(), cells, eps=1e-6), dim=1)
+    # the whole-image statistics the demo was chosen with (two-pass, unbiased spread)
     flat = x.float().flatten(2)
     return torch.cat([flat.mean(dim=2), flat.std(dim=2)], dim=1)
 
@@ -121,12 +133,16 @@ class TwoViewObjective(Objective):
         device = next(model.parameters()).device
         with torch.no_grad(), stage_outputs(self.stages_of(model)) as caught:
             model.encode(torch.zeros(2, *input_shape, device=device))
-        width = sum(pool_stats(f).shape[1] for f in caught)
+        width = sum(self.pool(f).shape[1] for f in caught)
         self.projector = mlp(width, params.projector).to(device)
         # the side of the second view's hidden patches (None when nothing is hidden)
         self.mask_patch = (
             patch_size_for(model, params.mask_patch, input_shape, "mask_patch") if params.second_view_mask > 0 else None
         )
+
+    def pool(self, stage_output: torch.Tensor) -> torch.Tensor:
+        """A stage's output ``[B, C, *spatial]`` -> its statistics ``[B, S]`` (``embedding_grid``)."""
+        return pool_stats(stage_output, self.params.embedding_grid)
 
     def stages_of(self, model: nn.Module) -> list[nn.Module]:
         """The encoder stages the embedding pools (of the student, or of a copy of it)."""
@@ -153,12 +169,12 @@ class TwoViewObjective(Objective):
         stages = self.stages_of(model)
         if p.reconstruct == "both":
             # rows 2i and 2i+1 are the two views of image i; one pass for both (a view, no copy)
-            with stage_outputs(stages, pool_stats) as caught:
+            with stage_outputs(stages, self.pool) as caught:
                 vq_loss, terms, _ = vqvae_loss(model, views.reshape(-1, *views.shape[2:]))
             z = self.projector(torch.cat(caught, dim=1))
             return vq_loss, terms, z[0::2], z[1::2]
         decoded = max(1, round(len(views) * p.decode_fraction))
-        with stage_outputs(stages, pool_stats) as caught:
+        with stage_outputs(stages, self.pool) as caught:
             vq_loss, terms, _ = vqvae_loss(model, views[:decoded, 0])
             if decoded < len(views):
                 model.encode(views[decoded:, 0])
