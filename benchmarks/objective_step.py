@@ -72,9 +72,7 @@ def main() -> None:
     cfg = load_config(PretrainConfig, args.config)
     manifest = read_manifest(REPO / cfg.data.manifests[0])
     rows = manifest[manifest["split"] == "train"].head(args.images)
-    spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels,
-                     spacing=tuple(cfg.data.spacing) if cfg.data.spacing else None,
-                     resize=cfg.data.resize, intensity=cfg.data.intensity)
+    spec = ImageSpec.from_config(cfg.data)
     ds = ImageDataset(rows, resolve_data_root(args.data_root), spec, cache_dir=args.cache_dir, progress=False)
     films = torch.stack([ds[i]["image"] for i in range(len(ds))])
     setups = {}

@@ -315,9 +315,7 @@ def worker_data(spec: dict[str, Any]) -> dict[str, Any]:
     manifest = read_manifest(MANIFEST)
     manifest = manifest[manifest["split"] == "train"]
     manifest = manifest.iloc[np.linspace(0, len(manifest) - 1, spec["images"]).astype(int)].reset_index(drop=True)
-    image_spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels,
-                           spacing=tuple(cfg.data.spacing) if cfg.data.spacing else None,
-                           resize=cfg.data.resize, intensity=cfg.data.intensity)
+    image_spec = ImageSpec.from_config(cfg.data)
 
     objective = OBJECTIVES[cfg.objective.name]
     chain = objective.augmentation_of(objective_params(cfg.objective.name, cfg.objective.params))

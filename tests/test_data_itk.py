@@ -209,3 +209,16 @@ def test_spacing_config_is_validated() -> None:
     with pytest.raises(ConfigError, match="data.spacing"):
         DataConfig(manifests=["m.csv"], spatial_dims=3, spacing=[1.0, 0.0, 1.0]).validate()
     DataConfig(manifests=["m.csv"], spatial_dims=3, spacing=[1.0, 1.0, 2.0]).validate()
+
+
+def test_a_3d_config_reaches_the_image_spec_whole() -> None:
+    """The engine and the speed benchmarks build the spec from ``data:`` in one place: every reading field
+    arrives (a dropped spacing would resize each volume to the cube instead of resampling it, silently)."""
+    from vqmed.config import PretrainConfig, load_config
+
+    config = REPO / "configs" / "pretrain" / "toy_3d_vit.yaml"
+    cfg = load_config(PretrainConfig, config, ["data.spacing=[3.0,3.0,2.5]", "data.resize=pad", "data.intensity=percentile"])
+    spec = ImageSpec.from_config(cfg.data)
+    assert spec == ImageSpec(cfg.data.image_size, 3, cfg.data.channels, spacing=(3.0, 3.0, 2.5), resize="pad",
+                             intensity="percentile")
+    assert spec.key() != ImageSpec.from_config(load_config(PretrainConfig, config).data).key()

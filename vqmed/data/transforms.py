@@ -43,7 +43,7 @@ from monai.transforms import (
 )
 from monai.data import MetaTensor
 
-from vqmed.config import INTENSITY_MODES, RESIZE_MODES
+from vqmed.config import INTENSITY_MODES, RESIZE_MODES, DataConfig
 from vqmed.data.errors import UnreadableImageError
 from vqmed.data.orientation import resized_affine
 from vqmed.data.readers import DEFAULT_MAX_PIXELS, read_pixels
@@ -102,6 +102,12 @@ class ImageSpec:
             raise ValueError(f"ImageSpec.spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.channels not in (1, 3):
             raise ValueError(f"ImageSpec.channels must be 1 or 3, got {self.channels}")
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> ImageSpec:
+        """The spec a pretraining config's ``data:`` section asks for (the engine and the benchmarks read it here)."""
+        return cls(data.image_size, data.spatial_dims, data.channels,
+                   spacing=tuple(data.spacing) if data.spacing else None, resize=data.resize, intensity=data.intensity)
 
     @property
     def shape(self) -> tuple[int, ...]:

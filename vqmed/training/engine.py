@@ -96,9 +96,7 @@ class Trainer:
             # Half-written files of a run killed mid-write (the renamed ones are whole).
             remove_stale_temporaries(self.out, (RUN_FILE, SUMMARY_FILE, "final.pt"))
             remove_stale_temporaries(self.ckpt_dir)
-        self.spec = ImageSpec(cfg.data.image_size, cfg.data.spatial_dims, cfg.data.channels,
-                              spacing=tuple(cfg.data.spacing) if cfg.data.spacing else None,
-                              resize=cfg.data.resize, intensity=cfg.data.intensity)
+        self.spec = ImageSpec.from_config(cfg.data)
         self._build_model()
         self._build_data()
         self._build_optimizer()
