@@ -320,10 +320,11 @@ def worker_data(spec: dict[str, Any]) -> dict[str, Any]:
     objective = OBJECTIVES[cfg.objective.name]
     chain = objective.augmentation_of(objective_params(cfg.objective.name, cfg.objective.params))
     augment = BatchAugmentation(image_spec.spatial_dims, chain) if cfg.data.augment else None
-    generator = torch.Generator().manual_seed(cfg.seed)
 
     def one_run(cache: Path) -> dict[str, Any]:
         """A fresh process's view: build the dataset (hash; decode what the cache lacks), then one epoch."""
+        # seeded in each run, so the cold and the warm epoch draw the same views and their checksums compare
+        generator = torch.Generator().manual_seed(cfg.seed)
         t0 = time.perf_counter()
         ds = ImageDataset(manifest, root, image_spec, cache_dir=cache, progress=False)
         built = time.perf_counter() - t0
