@@ -217,7 +217,8 @@ def test_a_3d_config_reaches_the_image_spec_whole() -> None:
     from vqmed.config import PretrainConfig, load_config
 
     config = REPO / "configs" / "pretrain" / "toy_3d_vit.yaml"
-    cfg = load_config(PretrainConfig, config, ["data.spacing=[3.0,3.0,2.5]", "data.resize=pad", "data.intensity=percentile"])
+    overrides = ["data.spacing=[3.0,3.0,2.5]", "data.resize=pad", "data.intensity=percentile"]
+    cfg = load_config(PretrainConfig, config, overrides)
     spec = ImageSpec.from_config(cfg.data)
     assert spec == ImageSpec(cfg.data.image_size, 3, cfg.data.channels, spacing=(3.0, 3.0, 2.5), resize="pad",
                              intensity="percentile")
