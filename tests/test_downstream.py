@@ -404,6 +404,33 @@ def test_encoder_stats_variant_puts_mean_and_spread_side_by_side() -> None:
     assert set(VARIANTS) == set(DIRECT_VARIANTS) | set(COMBINED_VARIANTS)
 
 
+def test_coarser_encoder_stats_merge_the_export_cells_exactly(kermany: dict) -> None:
+    """``encoder_stats_GxG`` from the exported 4x4 cells equals the stages' statistics pooled on G x G directly."""
+    import torch
+
+    from vqmed.export import compute_features
+    from vqmed.networks import build_model
+    from vqmed.networks.stages import grid_mean_std, stage_outputs
+
+    torch.manual_seed(0)
+    model = build_model("vqvae", spatial_dims=2, in_channels=1, out_channels=1).eval()
+    images = torch.as_tensor(kermany["pixels"][:24, None])
+    arrays = compute_features(model, images)
+    for cells in (1, 2):
+        with torch.no_grad(), stage_outputs(model.feature_stages(), lambda out: grid_mean_std(out, cells)) as stages:
+            model.encode(images)
+        direct = torch.cat([torch.cat([m for m, _ in stages], 1), torch.cat([s for _, s in stages], 1)], 1).numpy()
+        merged = feature_variant(f"encoder_stats_{cells}x{cells}", arrays, None)
+        assert merged.shape == direct.shape == (24, 2 * arrays["encoder_grid"].shape[1] // (4 // cells) ** 2)
+        # the export stores float16: agreement to its precision, on real activations (spread > 0 everywhere)
+        np.testing.assert_allclose(merged, direct, rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(feature_variant("encoder_stats_4x4", arrays, None), feature_variant("encoder_stats", arrays, None))
+    with pytest.raises(KeyError, match="do not divide"):
+        feature_variant("encoder_stats_3x3", arrays, None)
+    with pytest.raises(KeyError, match="continuous_grid"):
+        feature_variant("encoder_stats_2x2", {k: arrays[k] for k in ("encoder_grid", "encoder_grid_std")}, None)
+
+
 def test_code_map_cnn_learns_and_is_a_deterministic_sklearn_estimator(kermany: dict, vq: FeatureSource) -> None:
     tr_rows, te_rows = np.flatnonzero(kermany["train"]), np.flatnonzero(~kermany["train"])
     y, g = kermany["y"][tr_rows], kermany["groups"][tr_rows]

@@ -22,15 +22,48 @@ VARIANTS = (*DIRECT_VARIANTS, *COMBINED_VARIANTS)
 FEATURE_ARRAYS = ("codes", *DIRECT_VARIANTS)
 
 
+#: Prefixes of the parsed grid variants and the kind each parses to.
+GRID_PREFIXES = {"codes_grid_hist_": "hist", "codes_grid_mean_": "mean", "encoder_stats_": "stats"}
+
+
 def parse_grid_variant(name: str) -> tuple[str, int] | None:
-    """``codes_grid_hist_4x4`` -> ``("hist", 4)``, ``codes_grid_mean_2x2`` -> ``("mean", 2)``, else ``None``."""
-    for kind in ("hist", "mean"):
-        prefix = f"codes_grid_{kind}_"
+    """``codes_grid_hist_4x4`` -> ``("hist", 4)``, ``codes_grid_mean_2x2`` -> ``("mean", 2)``,
+    ``encoder_stats_2x2`` -> ``("stats", 2)``, else ``None``."""
+    for prefix, kind in GRID_PREFIXES.items():
         if name.startswith(prefix):
             size = name[len(prefix):].split("x")
             if len(size) == 2 and size[0] == size[1] and size[0].isdigit() and int(size[0]) >= 1:
                 return kind, int(size[0])
     return None
+
+
+def coarser_encoder_stats(mean: np.ndarray, std: np.ndarray, export_grid: int, spatial_dims: int, cells: int) -> np.ndarray:
+    """``encoder_stats`` on a coarser grid, merged exactly from the export's per-cell mean and spread.
+
+    The export pools every stage on an ``export_grid`` grid; a cell of the ``cells`` grid is the union of
+    ``(export_grid / cells) ** spatial_dims`` equal export cells, so its mean is theirs averaged and its
+    variance the average second moment (spread squared plus mean squared) less its mean squared.
+
+    Args:
+        mean: ``encoder_grid`` ``(N, S)``, each stage's channels times the export grid's cells, cells last.
+        std: ``encoder_grid_std`` ``(N, S)``, the same layout.
+        export_grid: cells per axis of the export's grid.
+        spatial_dims: 2 or 3.
+        cells: cells per axis wanted; must divide ``export_grid``.
+
+    Returns:
+        ``(N, 2 * S / (export_grid / cells) ** spatial_dims)`` float32: the coarser means, then the spreads.
+    """
+    if cells < 1 or export_grid % cells:
+        raise KeyError(f"encoder_stats_{cells}x{cells}: {cells} cells per axis do not divide the export's {export_grid}")
+    n, factor = len(mean), export_grid // cells
+    shape = (n, -1) + (cells, factor) * spatial_dims
+    merge = tuple(range(3, 3 + 2 * spatial_dims, 2))  # the factor axes
+    m = np.asarray(mean, dtype=np.float64).reshape(shape)
+    second = np.asarray(std, dtype=np.float64).reshape(shape) ** 2 + m**2
+    m_coarse = m.mean(axis=merge)
+    s_coarse = np.sqrt(np.clip(second.mean(axis=merge) - m_coarse**2, 0.0, None))
+    return np.concatenate([m_coarse.reshape(n, -1), s_coarse.reshape(n, -1)], axis=1).astype(np.float32)
 
 
 def grid_code_histograms(codes: np.ndarray, n_codes: int, grid: int, chunk: int = 256) -> np.ndarray:
@@ -81,7 +114,8 @@ def feature_variant(name: str, arrays: Mapping[str, np.ndarray], codebook: np.nd
             ``encoder_grid_std`` (taken as exported), ``encoder_stats`` (``encoder_grid`` and
             ``encoder_grid_std`` side by side), or
             ``codes_grid_hist_GxG`` / ``codes_grid_mean_GxG`` (from ``codes`` and ``codebook``: per
-            cell the code histogram, or the mean codebook vector of the cell's codes).
+            cell the code histogram, or the mean codebook vector of the cell's codes), or
+            ``encoder_stats_GxG`` (``encoder_stats`` merged onto a coarser G x G grid, G dividing the export's).
         arrays: the export's arrays by name, aligned with its index.
         codebook: ``(K, D)`` codebook (needed by the grid variants).
 
@@ -98,6 +132,12 @@ def feature_variant(name: str, arrays: Mapping[str, np.ndarray], codebook: np.nd
     parsed = parse_grid_variant(name)
     if parsed is None:
         raise KeyError(f"unknown feature variant {name!r}")
+    if parsed[0] == "stats":
+        missing = [p for p in ("encoder_grid", "encoder_grid_std", "continuous_grid") if p not in arrays]
+        if missing:
+            raise KeyError(f"variant {name!r} needs the export array(s) {missing}")
+        spatial = np.shape(arrays["continuous_grid"])[2:]  # (N, D, *grid): the export's grid and dimensionality
+        return coarser_encoder_stats(arrays["encoder_grid"], arrays["encoder_grid_std"], spatial[0], len(spatial), parsed[1])
     if "codes" not in arrays or codebook is None:
         raise KeyError(f"variant {name!r} needs the export's 'codes' and its codebook")
     kind, grid = parsed
