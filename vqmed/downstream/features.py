@@ -124,18 +124,14 @@ def feature_variant(name: str, arrays: Mapping[str, np.ndarray], codebook: np.nd
     """
     if name in DIRECT_VARIANTS or name in COMBINED_VARIANTS:
         parts = COMBINED_VARIANTS.get(name, (name,))
-        missing = [p for p in parts if p not in arrays]
-        if missing:
-            raise KeyError(f"variant {name!r} needs the export array(s) {missing}")
+        _require(name, arrays, parts)
         blocks = [np.asarray(arrays[p], dtype=np.float32) for p in parts]
         return np.concatenate([b.reshape(len(b), -1) for b in blocks], axis=1)
     parsed = parse_grid_variant(name)
     if parsed is None:
         raise KeyError(f"unknown feature variant {name!r}")
     if parsed[0] == "stats":
-        missing = [p for p in ("encoder_grid", "encoder_grid_std", "continuous_grid") if p not in arrays]
-        if missing:
-            raise KeyError(f"variant {name!r} needs the export array(s) {missing}")
+        _require(name, arrays, ("encoder_grid", "encoder_grid_std", "continuous_grid"))
         spatial = np.shape(arrays["continuous_grid"])[2:]  # (N, D, *grid): the export's grid and dimensionality
         return coarser_encoder_stats(arrays["encoder_grid"], arrays["encoder_grid_std"], spatial[0], len(spatial), parsed[1])
     if "codes" not in arrays or codebook is None:
@@ -147,3 +143,10 @@ def feature_variant(name: str, arrays: Mapping[str, np.ndarray], codebook: np.nd
     # mean codebook vector per cell = cell histogram @ codebook (no (N, h, w, D) tensor needed)
     pooled = hist @ np.asarray(codebook, dtype=np.float32)
     return pooled.reshape(len(pooled), -1)
+
+
+def _require(name: str, arrays: Mapping[str, np.ndarray], parts: tuple[str, ...]) -> None:
+    """Raise ``KeyError`` naming the export arrays variant ``name`` needs and ``arrays`` lacks."""
+    missing = [p for p in parts if p not in arrays]
+    if missing:
+        raise KeyError(f"variant {name!r} needs the export array(s) {missing}")
