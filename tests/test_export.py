@@ -504,6 +504,41 @@ def test_export_yaml_config_flags_override_it_and_arrays_select(checkpoint, smal
     assert set(load(tmp_path / "flags").array_names) == set(full.array_names)
 
 
+def test_export_grid_is_a_setting_the_store_and_the_control_follow(checkpoint, small_manifest, data_root, exported, tmp_path):
+    """``--set grid=2`` pools the stage statistics on a 2x2 grid: the same numbers as the 4x4 export's cells
+    merged (``encoder_stats_2x2``), recorded in the store, read by the random-encoder control; a store is not
+    resumed on another grid, and a grid finer than the code map is refused."""
+    from vqmed.cli import main
+    from vqmed.downstream.features import feature_variant
+    from vqmed.downstream.inputs import random_encoder_features
+
+    few = tmp_path / "few.csv"
+    read_manifest(small_manifest).head(40).to_csv(few, index=False)
+    out = tmp_path / "grid2"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", str(checkpoint), "--manifest", str(few), "--out", str(out), "--data-root",
+              str(data_root), "--set", "grid=2", "--quiet"])
+    assert exit_info.value.code == 0
+    store, full = load(out), load(exported[0])
+    assert store.meta["grid"] == 2 and full.meta["grid"] == 4
+    assert store.array("continuous_grid").shape == (40, 16, 2, 2)
+    rows = pd.Series(np.arange(len(full.index)), index=full.index["key"].to_numpy()).loc[store.index["key"]].to_numpy()
+    names = ("encoder_grid", "encoder_grid_std", "continuous_grid")
+    merged = feature_variant("encoder_stats_2x2", {n: full.array(n)[rows] for n in names}, None)
+    direct = feature_variant("encoder_stats", {n: store.array(n) for n in names}, None)
+    np.testing.assert_allclose(merged, direct, rtol=5e-3, atol=5e-3)  # both from float16 stores
+    assert direct.std(axis=0).mean() > 0
+    images = _images(few, data_root, _paths(store, few)).numpy()
+    control = random_encoder_features(store.meta["model_name"], store.meta["model_config"], images, seed=0,
+                                      grid=store.meta["grid"])
+    assert control.arrays["encoder_grid"].shape == store.array("encoder_grid").shape
+    with pytest.raises(StoreError, match="written with grid=2; use the same grid"):
+        export_manifest(checkpoint, few, out, data_root, progress=False)  # the default grid, 4
+    with pytest.raises(ValueError, match="grid 32: needs 1 to 16 cells per axis"):
+        export_manifest(checkpoint, few, tmp_path / "too_fine", data_root, progress=False, grid=32)
+    assert not (tmp_path / "too_fine").exists()  # refused before anything is written
+
+
 def test_progress_bar_shown_and_quiet(checkpoint, small_manifest, data_root, tmp_path, capsys, monkeypatch):
     few = tmp_path / "few.csv"
     read_manifest(small_manifest).head(8).to_csv(few, index=False)

@@ -140,6 +140,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         device=cfg.device,
         arrays=cfg.arrays,
         keep_paths=cfg.keep_paths,
+        grid=cfg.grid,
     )
     print(json.dumps(summary, indent=2, default=str))
     return 0

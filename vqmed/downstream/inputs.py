@@ -89,7 +89,9 @@ def load_inputs(cfg: BenchmarkConfig) -> tuple[Any, pd.DataFrame, dict[str, Feat
             images = pixels[:, None] if spec["channels"] == 1 else pixels
         else:
             images = load_images(index, cfg.data_root, spec, cfg.cache_dir)
-        sources["random_encoder"] = random_encoder_features(store.meta["model_name"], store.meta["model_config"], images, cfg.seed)
+        # stores written before the export's grid was a setting pooled on 4 cells per axis
+        sources["random_encoder"] = random_encoder_features(store.meta["model_name"], store.meta["model_config"], images,
+                                                            cfg.seed, grid=store.meta.get("grid", 4))
     return store, index, sources, pixels
 
 
@@ -167,7 +169,8 @@ def load_images(index: pd.DataFrame, data_root: str | None, spec: dict[str, int]
     return out
 
 
-def random_encoder_features(model_name: str, model_config: dict[str, Any], images: np.ndarray, seed: int, batch_size: int = 256) -> FeatureSource:
+def random_encoder_features(model_name: str, model_config: dict[str, Any], images: np.ndarray, seed: int,
+                            batch_size: int = 256, grid: int = 4) -> FeatureSource:
     """Features of an untrained model of the pretrained architecture (the "no pretraining" control).
 
     Args:
@@ -176,6 +179,7 @@ def random_encoder_features(model_name: str, model_config: dict[str, Any], image
         images: ``(N, C, *spatial)`` images in [0, 1] at the model's input size.
         seed: seeds the random initialisation.
         batch_size: images per forward pass.
+        grid: cells per axis of the pooled grids: the export's, so the control reads what the method reads.
     """
     import torch
 
@@ -189,7 +193,7 @@ def random_encoder_features(model_name: str, model_config: dict[str, Any], image
     model.eval()
     parts: list[dict[str, np.ndarray]] = []
     for start in range(0, len(images), batch_size):
-        parts.append(compute_features(model, torch.as_tensor(images[start:start + batch_size])))
+        parts.append(compute_features(model, torch.as_tensor(images[start:start + batch_size]), grid))
     keys = [k for k in FEATURE_ARRAYS if k in parts[0]]
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in keys}
     return FeatureSource(arrays, codebooks(model)["codebook"])

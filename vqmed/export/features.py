@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vqmed.config import ExportConfig
 from vqmed.networks.stages import grid_mean_std, grid_pool, stage_outputs
 
 __all__ = ["ARRAYS", "REQUIRED_ARRAYS", "compute_features", "codebooks", "codebook_hash", "select_arrays"]
@@ -37,9 +38,9 @@ def _levels(model: nn.Module) -> int:
     return int(getattr(model, "levels", 1))
 
 
-# Cells per axis of the spatially pooled continuous features: a 4x4 grid keeps where a finding lies
-# (upper vs lower lobe, left vs right) at 16 x D numbers per study.
-GRID = 4
+# Cells per axis of the spatially pooled features by default (its one home is the export config): a 4x4 grid
+# keeps where a finding lies (upper vs lower lobe, left vs right) at 16 x D numbers per study.
+GRID = ExportConfig.grid
 
 
 def _pool(x: torch.Tensor) -> torch.Tensor:
@@ -69,19 +70,21 @@ def _quantized_mean(quantizer: nn.Module, codes: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_features(model: nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
+def compute_features(model: nn.Module, images: torch.Tensor, grid: int = GRID) -> dict[str, np.ndarray]:
     """Code maps and pooled embeddings of one batch, with the model frozen (eval mode, no gradients).
 
     Args:
         model: a vqmed VQ model (``vqvae`` or the two-level ``vqvae2``); it is switched to eval mode.
         images: ``[N, C, *spatial]`` float batch on the model's device, in [0, 1].
+        grid: cells per axis of the pooled grids (``continuous_grid``, ``encoder_grid``, ``encoder_grid_std``);
+            at most the code map's side.
 
     Returns:
         ``codes`` ``(N, *latent)`` uint16 finest code map; ``codes_top`` and ``code_histogram_top``
         for two-level models; ``quantized_mean`` ``(N, D)`` mean of the quantized vectors;
         ``code_histogram`` ``(N, K)`` normalised bag-of-codes; ``continuous_mean`` ``(N, D)`` mean of
-        the pre-quantization features; ``continuous_grid`` ``(N, D, 4, 4[, 4])`` their mean over a 4x4(x4)
-        grid of cells (float32); ``encoder_grid`` ``(N, S)`` float16: the activations of every encoder
+        the pre-quantization features; ``continuous_grid`` ``(N, D, grid, grid[, grid])`` their mean over a
+        ``grid`` x ``grid`` (x ``grid``) partition (float32); ``encoder_grid`` ``(N, S)`` float16: the activations of every encoder
         stage before the projection to the code dimension (stem, level changes, residual units),
         each mean-pooled on the same grid and concatenated (vqmed encoders only); ``encoder_grid_std``
         ``(N, S)`` float16: the standard deviation of the same activations in the same cells.
@@ -90,7 +93,7 @@ def compute_features(model: nn.Module, images: torch.Tensor) -> dict[str, np.nda
     # The encoder's intermediate activations, caught on the way through the one encoder pass below:
     # their per-cell mean and spread on a coarse grid are the features that carry the most for
     # few-label probes (measured on Kermany, see the README; the pooled code vectors stay behind).
-    with stage_outputs(model.feature_stages(), lambda out: grid_mean_std(out.float(), GRID)) as stages:
+    with stage_outputs(model.feature_stages(), lambda out: grid_mean_std(out.float(), grid)) as stages:
         z = model.encode(images)
     # One encoder pass gives both the continuous latents and the codes; quantize() in eval mode is a
     # pure nearest-code lookup, the same one index_quantize() does.
@@ -100,6 +103,9 @@ def compute_features(model: nn.Module, images: torch.Tensor) -> dict[str, np.nda
         (bottom, top), z_bottom = indices, z[0]
     else:
         bottom, top, z_bottom = indices, None, z
+    if grid < 1 or grid > min(z_bottom.shape[2:]):
+        # adaptive pooling would repeat cells finer than the map instead of failing
+        raise ValueError(f"grid {grid}: needs 1 to {min(z_bottom.shape[2:])} cells per axis for code maps of {tuple(z_bottom.shape[2:])}")
     bottom = bottom.long()
     k = int(quantizers[0].codebook.shape[0])
     out = {
@@ -107,7 +113,7 @@ def compute_features(model: nn.Module, images: torch.Tensor) -> dict[str, np.nda
         "quantized_mean": _quantized_mean(quantizers[0], bottom).cpu().numpy(),
         "code_histogram": _histogram(bottom, k).cpu().numpy(),
         "continuous_mean": _pool(z_bottom.float()).cpu().numpy(),
-        "continuous_grid": grid_pool(z_bottom.float(), GRID).cpu().numpy(),
+        "continuous_grid": grid_pool(z_bottom.float(), grid).cpu().numpy(),
     }
     if stages:
         # float16 halves the store; pooled activations need no more precision for a linear probe

@@ -127,6 +127,8 @@ def _check_or_write_meta(out: Path, meta: dict[str, Any], write: bool) -> None:
             raise StoreError(f"{out}: was written with keep_ids={old.get('keep_ids')}; use the same setting to resume")
         if bool(old.get("keep_paths", True)) != meta["keep_paths"]:  # stores from before the option kept paths
             raise StoreError(f"{out}: was written with keep_paths={old.get('keep_paths', True)}; use the same setting to resume")
+        if old.get("grid", 4) != meta["grid"]:  # stores from before the setting pooled on 4 cells per axis
+            raise StoreError(f"{out}: was written with grid={old.get('grid', 4)}; use the same grid to resume")
         if old.get("arrays") != meta["arrays"]:
             raise StoreError(f"{out}: array shapes differ from this export's ({old.get('arrays')} vs {meta['arrays']})")
         return
@@ -278,6 +280,7 @@ def export_manifest(
     device: str = ExportConfig.device,
     arrays: list[str] | None = ExportConfig.arrays,
     keep_paths: bool = ExportConfig.keep_paths,
+    grid: int = ExportConfig.grid,
 ) -> dict[str, Any]:
     """Export code maps and pooled embeddings of every manifest image into a sharded store.
 
@@ -302,6 +305,7 @@ def export_manifest(
         arrays: feature arrays to write (names of :data:`vqmed.export.features.ARRAYS`; the code maps
             always); ``None``: every array the model gives. The defaults are :class:`vqmed.config.ExportConfig`'s.
         keep_paths: also write each image's path into the index and ``quarantine.csv``.
+        grid: cells per axis of the pooled grids (``encoder_grid`` and its spread, ``continuous_grid``).
 
     Returns:
         summary: ``exported``, ``skipped`` (already in the store or duplicated in the manifest),
@@ -330,7 +334,7 @@ def export_manifest(
     try:
         return _export(model_ref, manifest, Path(out_dir), data_root, batch_size, keep_ids,
                        write_nifti, progress, shard_size, None if cache_dir is None else Path(cache_dir), runtime, start,
-                       None if arrays is None else tuple(arrays), keep_paths, manifest_path)
+                       None if arrays is None else tuple(arrays), keep_paths, manifest_path, grid)
     finally:
         if not was_initialized:
             shutdown(runtime)
@@ -340,7 +344,7 @@ def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
             data_root: str | Path | None, batch_size: int, keep_ids: bool, write_nifti: bool, progress: bool,
             shard_size: int, cache_dir: Path | None, runtime: Runtime, start: float,
             arrays: tuple[str, ...] | None, keep_paths: bool = False,
-            manifest_path: Path | None = None) -> dict[str, Any]:
+            manifest_path: Path | None = None, grid: int = ExportConfig.grid) -> dict[str, Any]:
     # One function on purpose (~85 lines): the store lock spans the meta check, the orphan clean-up, this
     # rank's rows and the index rewrite, and every rank must pass the same barriers in the same order.
     model, info = load_model(model_ref, map_location="cpu")
@@ -356,7 +360,7 @@ def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
 
     # Feature shapes from one blank image, so every rank agrees on store.json before any data is read.
     probe = torch.zeros((1, spec.channels) + (spec.image_size,) * spec.spatial_dims, device=runtime.device)
-    shapes_probe = select_arrays(compute_features(model, probe), arrays)
+    shapes_probe = select_arrays(compute_features(model, probe, grid), arrays)
     arrays_meta = {k: {"dtype": str(v.dtype), "shape": list(v.shape[1:])} for k, v in sorted(shapes_probe.items())}
     model_ref_str = str(Path(model_ref).resolve()) if Path(model_ref).exists() else str(model_ref)
     meta = {
@@ -373,6 +377,7 @@ def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
                        "resize": spec.resize, "intensity": spec.intensity,
                        **({"spacing": list(spec.spacing)} if spec.spacing else {})},
         "arrays": arrays_meta,
+        "grid": int(grid),  # the random-encoder control pools on the same grid
         "keep_ids": bool(keep_ids),
         "keep_paths": bool(keep_paths),
         "salt_check": salt_check(salt),
@@ -406,7 +411,7 @@ def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
 
         exported, quarantined = _run(model, manifest, mine, keys, root, spec, out, salt, keep_ids, shapes,
                                      write_nifti, batch_size, shard_size, cache_dir, progress, runtime,
-                                     {"model_id": model_id, "codebook_hash": book_hash}, arrays, keep_paths)
+                                     {"model_id": model_id, "codebook_hash": book_hash}, arrays, keep_paths, grid)
         if codebook_hash(codebooks(model)) != book_hash:
             raise RuntimeError("the codebook changed during export; the model is not frozen in eval mode")
 
@@ -435,7 +440,8 @@ def _export(model_ref: str | Path, manifest: pd.DataFrame, out: Path,
 def _run(model: nn.Module, manifest: pd.DataFrame, mine: list[int], keys: list[str], root: Path, spec: ImageSpec,
          out: Path, salt: str, keep_ids: bool, shapes: dict[str, str], write_nifti: bool, batch_size: int,
          shard_size: int, cache_dir: Path | None, progress: bool, runtime: Runtime,
-         fixed: dict[str, Any], arrays: tuple[str, ...] | None, keep_paths: bool = False) -> tuple[int, int]:
+         fixed: dict[str, Any], arrays: tuple[str, ...] | None, keep_paths: bool = False,
+         grid: int = ExportConfig.grid) -> tuple[int, int]:
     """Encode this rank's rows batch by batch and commit shards as they fill; returns (exported, quarantined)."""
     # Unreadable files are never committed, so every run retries them and rewrites this list.
     quarantine_csv = out / (QUARANTINE_FILE if runtime.world_size == 1 else f"quarantine-r{runtime.rank}.csv")
@@ -454,7 +460,7 @@ def _run(model: nn.Module, manifest: pd.DataFrame, mine: list[int], keys: list[s
     try:
         chunks = _chunks(manifest, mine, shard_size, root, spec, cache_dir)
         for images, positions in _batches(chunks, batch_size, quarantine, bar):
-            features = select_arrays(compute_features(model, images.to(runtime.device)), arrays)
+            features = select_arrays(compute_features(model, images.to(runtime.device), grid), arrays)
             index_rows = _index_rows(manifest, positions, keys, salt, keep_ids, shapes, keep_paths)
             if nifti is not None:
                 # NIfTI files land before the shard that lists them is committed.
