@@ -104,8 +104,9 @@ class MomentumTeacher(TwoViewObjective):
             teacher["model"].encode(views[:, 0])
             teacher["model"].encode(self.second_view(views, masked=False))  # the targets stay whole (MSN)
         n = len(caught) // 2
-        pooled = torch.cat([torch.cat(caught[:n], dim=1), torch.cat(caught[n:], dim=1)], dim=0)
-        return teacher["projector"](pooled).chunk(2)
+        pooled = torch.cat([torch.cat(caught[:n], dim=-1), torch.cat(caught[n:], dim=-1)], dim=0)
+        t1, t2 = self.project(pooled, teacher["projector"]).chunk(2)
+        return t1.flatten(0, -2), t2.flatten(0, -2)
 
     def forward(self, model: nn.Module, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p = self.params

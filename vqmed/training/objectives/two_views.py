@@ -48,6 +48,11 @@ class TwoViewParams(ObjectiveParams):
             which matches local features too), so each region's statistics, the kind the ``encoder_stats``
             probes read on a 4x4 grid, must carry what the two views share. The views' geometric
             augmentation moves a cell's content by a fraction of a cell, so cells stay roughly aligned.
+        cell_embedding: with ``embedding_grid`` > 1, embed each cell on its own (one projector shared by the
+            cells, which sees a cell's statistics and not where the cell is) and match it to the same cell of
+            the other view, as VICRegL's local term does (Bardes et al., NeurIPS 2022); the embedding's
+            statistics (VICReg's variance and covariance) then run over batch x cells rows, not over the 32
+            images of a CPU batch. ``False`` concatenates the cells into one embedding per view.
     """
 
     projector: list[int] = field(default_factory=lambda: [1024, 1024])
@@ -59,6 +64,7 @@ class TwoViewParams(ObjectiveParams):
     second_view_mask: float = 0.0
     mask_patch: int | None = None
     embedding_grid: int = 1
+    cell_embedding: bool = False
 
     def validate(self) -> None:
         if not self.projector or any(int(w) < 1 for w in self.projector):
@@ -85,13 +91,20 @@ class TwoViewParams(ObjectiveParams):
             raise ValueError(f"mask_patch must be >= 1 or null, got {self.mask_patch}")
         if self.embedding_grid < 1:
             raise ValueError(f"embedding_grid must be >= 1, got {self.embedding_grid}")
+        if self.cell_embedding and self.embedding_grid < 2:
+            raise ValueError(f"cell_embedding needs embedding_grid >= 2, got {self.embedding_grid}")
 
 
-def pool_stats(x: torch.Tensor, cells: int = 1) -> torch.Tensor:
+def pool_stats(x: torch.Tensor, cells: int = 1, per_cell: bool = False) -> torch.Tensor:
     """Mean and standard deviation of ``[B, C, *spatial]`` over every spatial axis (``cells`` 1) -> ``[B, 2C]``,
-    or in each cell of a ``cells`` x ... x ``cells`` grid -> ``[B, 2C * cells**n]``."""
+    or in each cell of a ``cells`` x ... x ``cells`` grid -> ``[B, 2C * cells**n]``, or with ``per_cell`` each
+    cell's own statistics -> ``[B, cells**n, 2C]``."""
     if cells > 1:
-        return torch.cat(grid_mean_std(x.float(), cells, eps=1e-6), dim=1)
+        mean, std = grid_mean_std(x.float(), cells, eps=1e-6)
+        if per_cell:
+            b, c = x.shape[:2]
+            return torch.cat([mean.view(b, c, -1), std.view(b, c, -1)], dim=1).transpose(1, 2)
+        return torch.cat([mean, std], dim=1)
     # the whole-image statistics the demo was chosen with (two-pass, unbiased spread)
     flat = x.float().flatten(2)
     return torch.cat([flat.mean(dim=2), flat.std(dim=2)], dim=1)
@@ -133,7 +146,7 @@ class TwoViewObjective(Objective):
         device = next(model.parameters()).device
         with torch.no_grad(), stage_outputs(self.stages_of(model)) as caught:
             model.encode(torch.zeros(2, *input_shape, device=device))
-        width = sum(self.pool(f).shape[1] for f in caught)
+        width = sum(self.pool(f).shape[-1] for f in caught)
         self.projector = mlp(width, params.projector).to(device)
         # the side of the second view's hidden patches (None when nothing is hidden)
         self.mask_patch = (
@@ -141,8 +154,15 @@ class TwoViewObjective(Objective):
         )
 
     def pool(self, stage_output: torch.Tensor) -> torch.Tensor:
-        """A stage's output ``[B, C, *spatial]`` -> its statistics ``[B, S]`` (``embedding_grid``)."""
-        return pool_stats(stage_output, self.params.embedding_grid)
+        """A stage's output ``[B, C, *spatial]`` -> its statistics ``[B, S]`` (``embedding_grid``), or
+        ``[B, cells, S]`` with ``cell_embedding``; stages concatenate along the last axis."""
+        return pool_stats(stage_output, self.params.embedding_grid, self.params.cell_embedding)
+
+    def project(self, pooled: torch.Tensor, projector: nn.Module | None = None) -> torch.Tensor:
+        """The projector (``self.projector`` unless given) on pooled statistics ``[N, S]`` or ``[N, cells, S]``
+        (every cell alone, one batch for all) -> ``[N, D]`` or ``[N, cells, D]``."""
+        projector = self.projector if projector is None else projector
+        return projector(pooled.flatten(0, -2)).unflatten(0, pooled.shape[:-1])
 
     def stages_of(self, model: nn.Module) -> list[nn.Module]:
         """The encoder stages the embedding pools (of the student, or of a copy of it)."""
@@ -171,8 +191,9 @@ class TwoViewObjective(Objective):
             # rows 2i and 2i+1 are the two views of image i; one pass for both (a view, no copy)
             with stage_outputs(stages, self.pool) as caught:
                 vq_loss, terms, _ = vqvae_loss(model, views.reshape(-1, *views.shape[2:]))
-            z = self.projector(torch.cat(caught, dim=1))
-            return vq_loss, terms, z[0::2], z[1::2]
+            z = self.project(torch.cat(caught, dim=-1))
+            # cells (with ``cell_embedding``) become rows: cell k of image i is matched to cell k of its other view
+            return vq_loss, terms, z[0::2].flatten(0, -2), z[1::2].flatten(0, -2)
         decoded = max(1, round(len(views) * p.decode_fraction))
         with stage_outputs(stages, self.pool) as caught:
             vq_loss, terms, _ = vqvae_loss(model, views[:decoded, 0])
@@ -182,6 +203,6 @@ class TwoViewObjective(Objective):
         # caught: each pass's stages in call order (the decoded first views, the other first views, the
         # second views); one projector pass, so its BatchNorm sees both views together as with ``both``
         n = len(stages)
-        passes = [torch.cat(caught[i : i + n], dim=1) for i in range(0, len(caught), n)]
-        z1, z2 = self.projector(torch.cat(passes, dim=0)).chunk(2)
-        return vq_loss, terms, z1, z2
+        passes = [torch.cat(caught[i : i + n], dim=-1) for i in range(0, len(caught), n)]
+        z1, z2 = self.project(torch.cat(passes, dim=0)).chunk(2)
+        return vq_loss, terms, z1.flatten(0, -2), z2.flatten(0, -2)
