@@ -424,7 +424,8 @@ def test_coarser_encoder_stats_merge_the_export_cells_exactly(kermany: dict) -> 
         assert merged.shape == direct.shape == (24, 2 * arrays["encoder_grid"].shape[1] // (4 // cells) ** 2)
         # the export stores float16: agreement to its precision, on real activations (spread > 0 everywhere)
         np.testing.assert_allclose(merged, direct, rtol=2e-3, atol=2e-3)
-    np.testing.assert_array_equal(feature_variant("encoder_stats_4x4", arrays, None), feature_variant("encoder_stats", arrays, None))
+    whole_grid = feature_variant("encoder_stats_4x4", arrays, None)
+    np.testing.assert_array_equal(whole_grid, feature_variant("encoder_stats", arrays, None))
     with pytest.raises(KeyError, match="do not divide"):
         feature_variant("encoder_stats_3x3", arrays, None)
     with pytest.raises(KeyError, match="continuous_grid"):

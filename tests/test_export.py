@@ -520,7 +520,7 @@ def test_export_grid_is_a_setting_the_store_and_the_control_follow(checkpoint, s
               str(data_root), "--set", "grid=2", "--quiet"])
     assert exit_info.value.code == 0
     store, full = load(out), load(exported[0])
-    assert store.meta["grid"] == 2 and full.meta["grid"] == 4
+    assert store.grid == 2 and full.grid == 4
     assert store.array("continuous_grid").shape == (40, 16, 2, 2)
     rows = pd.Series(np.arange(len(full.index)), index=full.index["key"].to_numpy()).loc[store.index["key"]].to_numpy()
     names = ("encoder_grid", "encoder_grid_std", "continuous_grid")
@@ -530,7 +530,7 @@ def test_export_grid_is_a_setting_the_store_and_the_control_follow(checkpoint, s
     assert direct.std(axis=0).mean() > 0
     images = _images(few, data_root, _paths(store, few)).numpy()
     control = random_encoder_features(store.meta["model_name"], store.meta["model_config"], images, seed=0,
-                                      grid=store.meta["grid"])
+                                      grid=store.grid)
     assert control.arrays["encoder_grid"].shape == store.array("encoder_grid").shape
     with pytest.raises(StoreError, match="written with grid=2; use the same grid"):
         export_manifest(checkpoint, few, out, data_root, progress=False)  # the default grid, 4

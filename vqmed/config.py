@@ -605,7 +605,8 @@ class ProbeConfig:
 
         for i, v in enumerate(self.variants):
             ok = v in VARIANTS or parse_grid_variant(v) is not None
-            _check(ok, f"probes.variants[{i}]", f"unknown variant {v!r}; use {sorted(VARIANTS)} or codes_grid_hist_GxG / codes_grid_mean_GxG / encoder_stats_GxG")
+            _check(ok, f"probes.variants[{i}]", f"unknown variant {v!r}; use {sorted(VARIANTS)} or "
+                   "codes_grid_hist_GxG / codes_grid_mean_GxG / encoder_stats_GxG")
         _check_classifiers(self.classifiers, "probes.classifiers")
         _check(self.cv_folds >= 2, "probes.cv_folds", f"must be >= 2, got {self.cv_folds}")
         for key in ("logreg_c", "svm_c", "mlp_alpha"):

@@ -37,7 +37,9 @@ def parse_grid_variant(name: str) -> tuple[str, int] | None:
     return None
 
 
-def coarser_encoder_stats(mean: np.ndarray, std: np.ndarray, export_grid: int, spatial_dims: int, cells: int) -> np.ndarray:
+def coarser_encoder_stats(
+    mean: np.ndarray, std: np.ndarray, export_grid: int, spatial_dims: int, cells: int
+) -> np.ndarray:
     """``encoder_stats`` on a coarser grid, merged exactly from the export's per-cell mean and spread.
 
     The export pools every stage on an ``export_grid`` grid; a cell of the ``cells`` grid is the union of
@@ -133,7 +135,8 @@ def feature_variant(name: str, arrays: Mapping[str, np.ndarray], codebook: np.nd
     if parsed[0] == "stats":
         _require(name, arrays, ("encoder_grid", "encoder_grid_std", "continuous_grid"))
         spatial = np.shape(arrays["continuous_grid"])[2:]  # (N, D, *grid): the export's grid and dimensionality
-        return coarser_encoder_stats(arrays["encoder_grid"], arrays["encoder_grid_std"], spatial[0], len(spatial), parsed[1])
+        mean, std = arrays["encoder_grid"], arrays["encoder_grid_std"]
+        return coarser_encoder_stats(mean, std, spatial[0], len(spatial), parsed[1])
     if "codes" not in arrays or codebook is None:
         raise KeyError(f"variant {name!r} needs the export's 'codes' and its codebook")
     kind, grid = parsed

@@ -89,9 +89,8 @@ def load_inputs(cfg: BenchmarkConfig) -> tuple[Any, pd.DataFrame, dict[str, Feat
             images = pixels[:, None] if spec["channels"] == 1 else pixels
         else:
             images = load_images(index, cfg.data_root, spec, cfg.cache_dir)
-        # stores written before the export's grid was a setting pooled on 4 cells per axis
         sources["random_encoder"] = random_encoder_features(store.meta["model_name"], store.meta["model_config"], images,
-                                                            cfg.seed, grid=store.meta.get("grid", 4))
+                                                            cfg.seed, grid=store.grid)
     return store, index, sources, pixels
 
 
@@ -170,7 +169,7 @@ def load_images(index: pd.DataFrame, data_root: str | None, spec: dict[str, int]
 
 
 def random_encoder_features(model_name: str, model_config: dict[str, Any], images: np.ndarray, seed: int,
-                            batch_size: int = 256, grid: int = 4) -> FeatureSource:
+                            grid: int, batch_size: int = 256) -> FeatureSource:
     """Features of an untrained model of the pretrained architecture (the "no pretraining" control).
 
     Args:
@@ -178,8 +177,9 @@ def random_encoder_features(model_name: str, model_config: dict[str, Any], image
         model_config: ``store.meta["model_config"]``.
         images: ``(N, C, *spatial)`` images in [0, 1] at the model's input size.
         seed: seeds the random initialisation.
+        grid: cells per axis of the pooled grids: the export's (``store.grid``), so the control reads what
+            the method reads.
         batch_size: images per forward pass.
-        grid: cells per axis of the pooled grids: the export's, so the control reads what the method reads.
     """
     import torch
 

@@ -84,8 +84,9 @@ def compute_features(model: nn.Module, images: torch.Tensor, grid: int = GRID) -
         for two-level models; ``quantized_mean`` ``(N, D)`` mean of the quantized vectors;
         ``code_histogram`` ``(N, K)`` normalised bag-of-codes; ``continuous_mean`` ``(N, D)`` mean of
         the pre-quantization features; ``continuous_grid`` ``(N, D, grid, grid[, grid])`` their mean over a
-        ``grid`` x ``grid`` (x ``grid``) partition (float32); ``encoder_grid`` ``(N, S)`` float16: the activations of every encoder
-        stage before the projection to the code dimension (stem, level changes, residual units),
+        ``grid`` x ``grid`` (x ``grid``) partition (float32); ``encoder_grid`` ``(N, S)`` float16: the
+        activations of every encoder stage before the projection to the code dimension (stem, level changes,
+        residual units),
         each mean-pooled on the same grid and concatenated (vqmed encoders only); ``encoder_grid_std``
         ``(N, S)`` float16: the standard deviation of the same activations in the same cells.
     """
@@ -103,9 +104,10 @@ def compute_features(model: nn.Module, images: torch.Tensor, grid: int = GRID) -
         (bottom, top), z_bottom = indices, z[0]
     else:
         bottom, top, z_bottom = indices, None, z
-    if grid < 1 or grid > min(z_bottom.shape[2:]):
+    latent = tuple(z_bottom.shape[2:])
+    if grid < 1 or grid > min(latent):
         # adaptive pooling would repeat cells finer than the map instead of failing
-        raise ValueError(f"grid {grid}: needs 1 to {min(z_bottom.shape[2:])} cells per axis for code maps of {tuple(z_bottom.shape[2:])}")
+        raise ValueError(f"grid {grid}: needs 1 to {min(latent)} cells per axis for code maps of {latent}")
     bottom = bottom.long()
     k = int(quantizers[0].codebook.shape[0])
     out = {

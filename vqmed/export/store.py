@@ -33,6 +33,8 @@ META_FILE = "store.json"
 INDEX_FILE = "index.parquet"
 SHARDS_DIR = "shards"
 QUARANTINE_FILE = "quarantine.csv"
+# The pooled grid of stores written before ``grid`` was an export setting (their store.json has no ``grid``).
+GRID_BEFORE_SETTING = 4
 
 __all__ = ["ExportStore", "load", "StoreError"]
 
@@ -94,7 +96,7 @@ class ExportStore:
             the exporting manifest), ``nifti`` (3D with NIfTI output) and where the arrays live
             (``shard``, ``shard_row``). Ordered by manifest position, then commit order.
         meta: ``store.json``: ``model_ref``, ``model_name``, ``model_config``, ``model_id``,
-            ``codebook_hash``, ``pretrain_run_id``, ``image_spec``, ``arrays``.
+            ``codebook_hash``, ``pretrain_run_id``, ``image_spec``, ``arrays``, ``grid``.
         codebook: ``(K, D)`` float32 codebook of the finest level; ``codebook_top`` for two levels.
     """
 
@@ -114,6 +116,11 @@ class ExportStore:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def grid(self) -> int:
+        """Cells per axis of the store's pooled grids (``encoder_grid``, ``continuous_grid``)."""
+        return int(self.meta.get("grid", GRID_BEFORE_SETTING))
 
     @property
     def array_names(self) -> list[str]:

@@ -28,6 +28,7 @@ from vqmed.config import ExportConfig
 from vqmed.export.features import codebook_hash, codebooks, compute_features, select_arrays
 from vqmed.export.store import (
     FORMAT,
+    GRID_BEFORE_SETTING,
     INDEX_FILE,
     META_FILE,
     QUARANTINE_FILE,
@@ -127,8 +128,9 @@ def _check_or_write_meta(out: Path, meta: dict[str, Any], write: bool) -> None:
             raise StoreError(f"{out}: was written with keep_ids={old.get('keep_ids')}; use the same setting to resume")
         if bool(old.get("keep_paths", True)) != meta["keep_paths"]:  # stores from before the option kept paths
             raise StoreError(f"{out}: was written with keep_paths={old.get('keep_paths', True)}; use the same setting to resume")
-        if old.get("grid", 4) != meta["grid"]:  # stores from before the setting pooled on 4 cells per axis
-            raise StoreError(f"{out}: was written with grid={old.get('grid', 4)}; use the same grid to resume")
+        grid = old.get("grid", GRID_BEFORE_SETTING)
+        if grid != meta["grid"]:
+            raise StoreError(f"{out}: was written with grid={grid}; use the same grid to resume")
         if old.get("arrays") != meta["arrays"]:
             raise StoreError(f"{out}: array shapes differ from this export's ({old.get('arrays')} vs {meta['arrays']})")
         return
