@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
     export_dir = out / "export"
     step("export", ["export", "--model", str(pretrain_dir), "--manifest", str(manifest), "--out", str(export_dir),
-                    "--batch-size", str(cfg.export_batch_size), *root])
+                    *root, *[a for o in cfg.export_overrides for a in ("--set", o)]])
 
     bench_dir = out / "benchmark"
     overrides = [f"export={export_dir}", *cfg.benchmark_overrides]

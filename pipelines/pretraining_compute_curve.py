@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint = pretrain_dir / "checkpoints" / f"step_{n:06d}.pt"
             if not (bench_dir / "summary.json").is_file():
                 step(f"export {tag}", ["export", "--model", str(checkpoint), "--manifest", cfg.manifest,
-                                       "--out", str(export_dir), "--batch-size", str(cfg.export_batch_size), *root])
+                                       "--out", str(export_dir), *root,
+                                       *[a for o in cfg.export_overrides for a in ("--set", o)]])
                 overrides = [f"export={export_dir}", *cfg.benchmark_overrides]
                 step(f"benchmark {tag}", ["benchmark", "--config", cfg.benchmark_config, "--out", str(bench_dir),
                                           *[a for o in overrides for a in ("--set", o)]])

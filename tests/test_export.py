@@ -539,6 +539,35 @@ def test_export_grid_is_a_setting_the_store_and_the_control_follow(checkpoint, s
     assert not (tmp_path / "too_fine").exists()  # refused before anything is written
 
 
+def test_export_reads_the_image_cache_the_pretraining_filled(checkpoint, small_manifest, data_root, exported, tmp_path,
+                                                            monkeypatch):
+    """The pipelines export with ``--set cache_dir=.vqmed_cache``, the pretraining's decoded images: the export
+    decodes nothing again (the cache gains no chunk) and writes the same store as decoding the files."""
+    import vqmed.data.dataset
+    from vqmed.cli import main
+
+    cache = tmp_path / "cache"
+    rows = read_manifest(small_manifest)
+    ImageDataset(rows, data_root, ImageSpec(SIZE), cache_dir=cache, progress=False)  # as the pretraining fills it
+    chunks = sorted(p.name for p in cache.rglob("chunk-*.npy"))
+    assert chunks
+
+    def decode(*args, **kwargs):
+        raise AssertionError("the export decoded an image the cache holds")
+
+    monkeypatch.setattr(vqmed.data.dataset, "run_transform", decode)
+    out = tmp_path / "cached"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", str(checkpoint), "--manifest", str(small_manifest), "--out", str(out), "--data-root",
+              str(data_root), "--set", "batch_size=32", "--set", f"cache_dir={cache}", "--quiet"])
+    assert exit_info.value.code == 0
+    assert sorted(p.name for p in cache.rglob("chunk-*.npy")) == chunks
+    store, decoded = load(out), load(exported[0])
+    assert store.index["key"].tolist() == decoded.index["key"].tolist() and len(store.index) == len(rows)
+    for name in decoded.array_names:
+        np.testing.assert_array_equal(store.array(name), decoded.array(name), err_msg=name)
+
+
 def test_progress_bar_shown_and_quiet(checkpoint, small_manifest, data_root, tmp_path, capsys, monkeypatch):
     few = tmp_path / "few.csv"
     read_manifest(small_manifest).head(8).to_csv(few, index=False)

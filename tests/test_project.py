@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vqmed.config import ConfigError, PretrainConfig, load_config
+from vqmed.config import ComputeCurveConfig, ConfigError, PipelineConfig, PretrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +64,22 @@ def test_pretrain_configs_validate(config):
     cfg = load_config(PretrainConfig, config)
     for manifest in cfg.data.manifests:
         assert (ROOT / manifest).is_file(), f"{config.name}: manifest {manifest} is not committed"
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "pipeline").glob("*.yaml")), ids=lambda p: p.stem)
+def test_pipeline_configs_validate_with_their_export_overrides(config):
+    cls = ComputeCurveConfig if config.stem.startswith("compute_curve") else PipelineConfig
+    cfg = load_config(cls, config)
+    assert (ROOT / cfg.manifest).is_file(), f"{config.name}: manifest {cfg.manifest} is not committed"
+    # every pipeline exports from the pretraining's decoded images rather than decoding the archive again
+    assert "cache_dir=.vqmed_cache" in cfg.export_overrides
+    # a bad export override is refused when the config loads, naming it, not minutes later at the export step
+    for override, message in (("grid=0", r"export_overrides: grid: must be >= 1"),
+                              ("out=elsewhere", r"export_overrides\[0\]: 'out' is set by the pipeline"),
+                              ("batch", r"export_overrides\[0\]: override 'batch' must look like"),
+                              ("grdi=8", r"export_overrides: the export step: unknown key\(s\) \['grdi'\]")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(cls, config, [f"export_overrides=[{override}]"])
 
 
 def test_config_errors_name_the_key(tmp_path):

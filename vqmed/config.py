@@ -377,6 +377,25 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | None 
     return cfg
 
 
+def check_export_overrides(key: str, overrides: list[str]) -> None:
+    """A pipeline's ``--set`` overrides of its export step: every one an :class:`ExportConfig` key=value with a
+    valid value, and none of the paths the pipeline sets itself (the model, the manifest, the store, the data
+    root); checked when the pipeline's config loads, not minutes later when the export starts."""
+    placeholders = {"model": "-", "manifest": "-", "out": "-"}
+    for i, text in enumerate(overrides):
+        _check(isinstance(text, str), f"{key}[{i}]", f"must be a key=value string, got {text!r}")
+        try:
+            name, _ = parse_override(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}[{i}]: {exc}") from None
+        _check(name not in (*placeholders, "data_root"), f"{key}[{i}]",
+               f"{name!r} is set by the pipeline (its model, manifest, store and data root), not here")
+    try:
+        from_dict(ExportConfig, apply_overrides(placeholders, overrides), where="the export step").validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain nested dicts (for YAML dumps and MLflow params)."""
     return dataclasses.asdict(cfg)
@@ -449,7 +468,8 @@ class PipelineConfig:
         manifest: manifest CSV written by the first step and read by the others.
         pretrain_config: pretraining config; its ``data.manifests`` is replaced by ``manifest``.
         pretrain_overrides: ``--set`` overrides for the pretraining step.
-        export_batch_size: images per batch during export (default: ``ExportConfig``'s).
+        export_overrides: ``--set`` overrides for the export step (:class:`ExportConfig` keys, e.g.
+            ``batch_size=128``, ``cache_dir=.vqmed_cache`` to read the pretraining's decoded images, ``grid=8``).
         benchmark_config: benchmark config; its export directory is set by the pipeline.
         benchmark_overrides: ``--set`` overrides for the benchmark step.
     """
@@ -461,14 +481,14 @@ class PipelineConfig:
     manifest: str = "data_manifests/chest_xray.csv"
     pretrain_config: str = "configs/pretrain/cxr_64.yaml"
     pretrain_overrides: list[str] = field(default_factory=list)
-    export_batch_size: int = ExportConfig.batch_size
+    export_overrides: list[str] = field(default_factory=list)
     benchmark_config: str = "configs/benchmark/pneumonia.yaml"
     benchmark_overrides: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         for key in ("pretrain_config", "benchmark_config"):
             _check(Path(getattr(self, key)).is_file(), key, f"file not found: {getattr(self, key)}")
-        _check(self.export_batch_size >= 1, "export_batch_size", "must be >= 1")
+        check_export_overrides("export_overrides", self.export_overrides)
 
 
 @dataclass
@@ -485,7 +505,8 @@ class ComputeCurveConfig:
         pretrain_overrides: ``--set`` overrides for every arm (e.g. the batch size).
         objectives: arm name -> extra ``--set`` overrides of that arm (``{}`` = the config as it is).
         steps: pretraining steps at which the model is probed; 0 is the random initialisation (shared by the arms).
-        export_batch_size: images per batch during export.
+        export_overrides: ``--set`` overrides for every export (:class:`ExportConfig` keys, as a
+            :class:`PipelineConfig`'s).
         benchmark_config: the probe benchmark config (logistic regression, budgets of the curve).
         benchmark_overrides: ``--set`` overrides for every benchmark.
         experiment: MLflow experiment of the curve's run.
@@ -502,7 +523,7 @@ class ComputeCurveConfig:
         "reconstruction": ["objective.name=reconstruction", "objective.params={}", "train.batch_size=64"],
     })
     steps: list[int] = field(default_factory=lambda: [0, 616, 2464, 9856])
-    export_batch_size: int = 128
+    export_overrides: list[str] = field(default_factory=list)
     benchmark_config: str = "configs/benchmark/pneumonia_curve.yaml"
     benchmark_overrides: list[str] = field(default_factory=list)
     experiment: str = "vqmed-compute-curve"
@@ -517,7 +538,7 @@ class ComputeCurveConfig:
         _check(len(self.steps) > 0 and all(isinstance(s, int) and s >= 0 for s in self.steps), "steps",
                f"must be a non-empty list of steps >= 0, got {self.steps}")
         _check(max(self.steps) > 0, "steps", "needs at least one step > 0")
-        _check(self.export_batch_size >= 1, "export_batch_size", "must be >= 1")
+        check_export_overrides("export_overrides", self.export_overrides)
 
 
 @dataclass
