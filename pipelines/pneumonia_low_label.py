@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vqmed.config import PipelineConfig, load_config
+from vqmed.config import ConfigError, PipelineConfig, load_config
 
 
 def step(title: str, args: list[str]) -> None:
@@ -31,13 +31,21 @@ def step(title: str, args: list[str]) -> None:
     print(f"=== {title}: done in {time.monotonic() - start:.0f} s", flush=True)
 
 
+def set_flags(overrides: list[str]) -> list[str]:
+    """``--set`` flags of a step, one per ``key=value`` override."""
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
 def pipeline_config(cls: type, description: str, default: str, argv: list[str] | None) -> tuple[Any, str, Path]:
     """Parse ``--config`` / ``--set`` of a pipeline: its validated config, the config path and its out folder."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     args = parser.parse_args(argv)
-    cfg = load_config(cls, args.config, args.set)
+    try:
+        cfg = load_config(cls, args.config, args.set)
+    except ConfigError as exc:  # one line naming the key, as the vqmed commands report it
+        parser.error(str(exc))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     return cfg, args.config, out
@@ -58,16 +66,16 @@ def main(argv: list[str] | None = None) -> None:
         resume = ["--resume"] if (pretrain_dir / "run.json").is_file() else []
         overrides = [f"data.manifests=[{manifest}]", *cfg.pretrain_overrides]
         step("pretrain", ["pretrain", "--config", cfg.pretrain_config, "--out", str(pretrain_dir), *root, *resume,
-                          *[a for o in overrides for a in ("--set", o)]])
+                          *set_flags(overrides)])
 
     export_dir = out / "export"
     step("export", ["export", "--model", str(pretrain_dir), "--manifest", str(manifest), "--out", str(export_dir),
-                    *root, *[a for o in cfg.export_overrides for a in ("--set", o)]])
+                    *root, *set_flags(cfg.export_overrides)])
 
     bench_dir = out / "benchmark"
     overrides = [f"export={export_dir}", *cfg.benchmark_overrides]
     step("benchmark", ["benchmark", "--config", cfg.benchmark_config, "--out", str(bench_dir),
-                       *[a for o in overrides for a in ("--set", o)]])
+                       *set_flags(overrides)])
 
     summary = json.loads((bench_dir / "summary.json").read_text())
     print(f"\npipeline finished in {(time.monotonic() - start) / 60:.1f} min")

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from pneumonia_low_label import pipeline_config, step
+from pneumonia_low_label import pipeline_config, set_flags, step
 
 from vqmed.config import ComputeCurveConfig
 from vqmed.downstream.curve import curve_table
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
             overrides = [f"data.manifests=[{cfg.manifest}]", *cfg.pretrain_overrides, *arm_overrides,
                          f"train.max_steps={max(steps)}", f"train.keep_checkpoints_at={json.dumps(steps)}"]
             step(f"pretrain {arm}", ["pretrain", "--config", cfg.pretrain_config, "--out", str(pretrain_dir), *root,
-                                     *resume, *[a for o in overrides for a in ("--set", o)]])
+                                     *resume, *set_flags(overrides)])
         # step 0 is the same random initialisation for every arm (same seed, same model): probed once
         for n in (s for s in steps if s > 0 or i == 0):
             tag = "init" if n == 0 else f"{arm}_{n:06d}"
@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> None:
             if not (bench_dir / "summary.json").is_file():
                 step(f"export {tag}", ["export", "--model", str(checkpoint), "--manifest", cfg.manifest,
                                        "--out", str(export_dir), *root,
-                                       *[a for o in cfg.export_overrides for a in ("--set", o)]])
+                                       *set_flags(cfg.export_overrides)])
                 overrides = [f"export={export_dir}", *cfg.benchmark_overrides]
                 step(f"benchmark {tag}", ["benchmark", "--config", cfg.benchmark_config, "--out", str(bench_dir),
-                                          *[a for o in overrides for a in ("--set", o)]])
+                                          *set_flags(overrides)])
             runs[(arm, n)] = bench_dir
     first = next(iter(cfg.objectives))
     if 0 in steps:

@@ -82,6 +82,13 @@ def test_pipeline_configs_validate_with_their_export_overrides(config):
             load_config(cls, config, [f"export_overrides=[{override}]"])
 
 
+def test_pipeline_reports_a_bad_config_in_one_line():
+    result = subprocess.run([sys.executable, "pipelines/pneumonia_low_label.py", "--set", "export_overrides=[grid=0]"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: configs/pipeline/pneumonia_cpu.yaml: export_overrides: grid: must be >= 1" in result.stderr
+
+
 def test_config_errors_name_the_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("data:\n  manifests: [x.csv]\n  image_sise: 64\n")
