@@ -11,8 +11,10 @@ import pytest
 import torch
 from monai.transforms import (
     Compose,
+    RandBiasField,
     RandAdjustContrastd,
     RandAffined,
+    RandBiasFieldd,
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandScaleIntensityd,
@@ -50,6 +52,8 @@ def _monai_chain(name: str) -> Compose:
         chain.append(RandScaleIntensityd("image", prob=r.scale_prob, factors=r.scale))
     if r.offset_prob:
         chain.append(RandShiftIntensityd("image", prob=r.offset_prob, offsets=r.offset))
+    if r.bias_prob:
+        chain.append(RandBiasFieldd("image", prob=r.bias_prob, degree=r.bias_degree, coeff_range=r.bias_coeff))
     if r.blur_prob:
         chain.append(RandGaussianSmoothd("image", prob=r.blur_prob, sigma_x=r.blur_sigma, sigma_y=r.blur_sigma))
     if r.noise_prob:
@@ -111,6 +115,25 @@ def test_a_3d_volume_is_augmented_and_keeps_its_anatomy():
     assert views.shape == (4, 2, 1, 32, 32, 32) and views.min() >= 0 and views.max() <= 1
     corr = [np.corrcoef(v.ravel().numpy(), volume.ravel().numpy())[0, 1] for v in views.flatten(0, 1)]
     assert min(corr) > 0.5 and max(corr) < 0.999  # changed, still the same brain
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_bias_field_is_monais_for_the_same_coefficients(spatial_dims):
+    """The batched field is MONAI's ``RandBiasField`` field, term for term: the same Legendre products (its 2D
+    lower triangle, its 3D degrees i+j+k <= d) weighted by the coefficients drawn for each image."""
+    aug, d, side = BatchAugmentation(spatial_dims, "views_bias"), 3, 12
+    x = torch.ones(5, 1, *(side,) * spatial_dims, dtype=torch.float64)
+    fields = aug._bias_field(x, torch.Generator().manual_seed(3))
+    drawn = aug._uniform(5, 0.0, 0.1, x, torch.Generator().manual_seed(3), *(d + 1,) * spatial_dims)
+    if spatial_dims == 2:
+        terms = list(zip(*np.tril_indices(d + 1)))
+    else:
+        terms = [(i, j, k) for i in range(d + 1) for j in range(d + 1 - i) for k in range(d + 1 - i - j)]
+    assert fields.shape == (5, 1, *(side,) * spatial_dims) and fields.std() > 0.01
+    for field, coefficients in zip(fields, drawn):
+        reference = RandBiasField(degree=d)._generate_random_field((side,) * spatial_dims, d,
+                                                                   [float(coefficients[t]) for t in terms])
+        np.testing.assert_allclose(field[0].numpy(), reference, atol=1e-6)
 
 
 def test_bad_arguments_are_refused():

@@ -1,13 +1,14 @@
 """Random augmentation of pretraining batches, drawn for the whole batch at once on its own device.
 
 The chains are MONAI's (``RandAffine``, ``RandAdjustContrast``, ``RandScaleIntensity``, ``RandShiftIntensity``,
-``RandGaussianSmooth``, ``RandGaussianNoise``) with the same ranges and probabilities, but applied to a batch
-``[B, C, *spatial]`` rather than image by image in the DataLoader: one affine grid and one ``grid_sample`` for
-every view (MONAI's :class:`~monai.networks.layers.AffineTransform`), elementwise intensity changes and MONAI's
-separable Gaussian filter. Why: MONAI's random transforms cost ~1.5 ms of Python per 64x64 view; on 2 cores that
-work either waits in line with the training step or, in a worker process, starves torch's threads (the CPU
-demo's step took 406 ms that way against 249 ms now), while the batched form costs ~7 ms (``mild``) to ~11 ms
-(``views``) for 64 views, and on a GPU it runs there. No flips: left and right matter on a chest film.
+``RandBiasField``, ``RandGaussianSmooth``, ``RandGaussianNoise``) with the same ranges and probabilities, but
+applied to a batch ``[B, C, *spatial]`` rather than image by image in the DataLoader: one affine grid and one
+``grid_sample`` for every view (MONAI's :class:`~monai.networks.layers.AffineTransform`), elementwise intensity
+changes, MONAI's polynomial bias fields as one product of small matrices, and MONAI's separable Gaussian filter.
+Why: MONAI's random transforms cost ~1.5 ms of Python per 64x64 view; on 2 cores that work either waits in line
+with the training step or, in a worker process, starves torch's threads (the CPU demo's step took 406 ms that
+way against 249 ms now), while the batched form costs ~7 ms (``mild``) to ~11 ms (``views``) for 64 views, and on
+a GPU it runs there. No flips: left and right matter on a chest film.
 
 Draws come from a ``torch.Generator`` the caller seeds (the engine: one per step, from the run seed, the rank and
 the step), so a resumed run repeats the interrupted one's views exactly.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from monai.networks.layers import AffineTransform, separable_filtering
 from monai.networks.layers.convutils import gaussian_1d
@@ -39,6 +41,9 @@ class AugmentationRanges:
         gamma_prob, gamma: ``RandAdjustContrast``: ``((x - min) / range) ** U(*gamma) * range + min`` per image.
         scale_prob, scale: ``RandScaleIntensity``: ``x * (1 + U(-scale, scale))``.
         offset_prob, offset: ``RandShiftIntensity``: ``x + U(-offset, offset)``.
+        bias_prob, bias_degree, bias_coeff: ``RandBiasField``: ``x * exp(field)``, the field a sum of products of
+            Legendre polynomials up to ``bias_degree`` with coefficients ``U(*bias_coeff)`` (MONAI's terms): a
+            smooth exposure that varies across the film.
         blur_prob, blur_sigma: ``RandGaussianSmooth``: sigma ``U(*blur_sigma)`` per axis (MONAI's erf kernel,
             truncated at 4 sigma, zero padding).
         noise_prob, noise_std: ``RandGaussianNoise``: Gaussian noise of standard deviation ``U(0, noise_std)``.
@@ -54,6 +59,9 @@ class AugmentationRanges:
     scale: float = 0.0
     offset_prob: float = 0.0
     offset: float = 0.0
+    bias_prob: float = 0.0
+    bias_degree: int = 3
+    bias_coeff: tuple[float, float] = (0.0, 0.1)
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.5, 1.0)
     noise_prob: float = 0.0
@@ -69,13 +77,17 @@ AUGMENTATIONS: dict[str, AugmentationRanges] = {
                                 gamma=(0.7, 1.4), scale_prob=0.5, scale=0.2, offset_prob=0.5, offset=0.1,
                                 blur_prob=0.2, blur_sigma=(0.5, 1.0), noise_prob=0.3, noise_std=0.02),
     # Screened against "views" on the validation patients and lost (docs/objective_selection.md, session 21):
-    # weaker intensity changes, stronger ones, wider geometry (each -0.002 to -0.005 avg4). Kept so that the table
-    # reproduces.
+    # weaker intensity changes, stronger ones, a bias field, wider geometry (each -0.002 to -0.005 avg4). Kept so
+    # that the table reproduces.
     "views_soft": AugmentationRanges(affine_prob=1.0, degrees=10.0, zoom=0.25, shift=0.08, gamma_prob=0.3,
                                      gamma=(0.85, 1.15), noise_prob=0.2, noise_std=0.01),
     "views_intense": AugmentationRanges(affine_prob=1.0, degrees=10.0, zoom=0.25, shift=0.08, gamma_prob=1.0,
                                         gamma=(0.5, 2.0), scale_prob=0.8, scale=0.3, offset_prob=0.8, offset=0.2,
                                         blur_prob=0.5, blur_sigma=(0.5, 1.5), noise_prob=0.5, noise_std=0.05),
+    "views_bias": AugmentationRanges(affine_prob=1.0, degrees=10.0, zoom=0.25, shift=0.08, gamma_prob=0.8,
+                                     gamma=(0.7, 1.4), scale_prob=0.5, scale=0.2, offset_prob=0.5, offset=0.1,
+                                     bias_prob=0.5, blur_prob=0.2, blur_sigma=(0.5, 1.0), noise_prob=0.3,
+                                     noise_std=0.02),
     "views_wide": AugmentationRanges(affine_prob=1.0, degrees=15.0, zoom=0.4, shift=0.15, gamma_prob=0.8,
                                      gamma=(0.7, 1.4), scale_prob=0.5, scale=0.2, offset_prob=0.5, offset=0.1,
                                      blur_prob=0.2, blur_sigma=(0.5, 1.0), noise_prob=0.3, noise_std=0.02),
@@ -156,6 +168,8 @@ class BatchAugmentation(nn.Module):
         if r.offset_prob:
             offset = self._uniform(n, -r.offset, r.offset, x, g).view_as(low)
             x = torch.where(self._chosen(n, r.offset_prob, x, g), x + offset, x)
+        if r.bias_prob:
+            x = torch.where(self._chosen(n, r.bias_prob, x, g), x * self._bias_field(x, g).exp(), x)
         if r.blur_prob:
             x = self._blur(x, g)
         if r.noise_prob:
@@ -163,6 +177,22 @@ class BatchAugmentation(nn.Module):
             noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype) * std
             x = torch.where(self._chosen(n, r.noise_prob, x, g), x + noise, x)
         return x
+
+    def _bias_field(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        """MONAI's ``RandBiasField._generate_random_field`` for every image at once: ``[n, 1, *spatial]``."""
+        r, n, nd, side = self.ranges, x.shape[0], self.spatial_dims, x.shape[-1]
+        d = r.bias_degree
+        # Legendre polynomials P_0..P_d on MONAI's coordinates, linspace(-1, 1) along each (square) axis.
+        legendre = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, side), d)  # [side, d + 1]
+        basis = torch.as_tensor(legendre.T, dtype=x.dtype, device=x.device)  # [d + 1, side]
+        # MONAI's terms: in 2D the lower triangle of the (d + 1)^2 coefficient matrix, in 3D the degrees i+j+k <= d.
+        degrees = np.indices((d + 1,) * nd).reshape(nd, -1).T
+        used = degrees[:, 1] <= degrees[:, 0] if nd == 2 else degrees.sum(1) <= d
+        mask = torch.as_tensor(used.reshape((d + 1,) * nd), dtype=x.dtype, device=x.device)
+        coeff = self._uniform(n, *r.bias_coeff, x, g, *((d + 1,) * nd)) * mask
+        if nd == 2:
+            return torch.einsum("nij,ih,jw->nhw", coeff, basis, basis).unsqueeze(1)
+        return torch.einsum("nijk,ih,jw,kz->nhwz", coeff, basis, basis, basis).unsqueeze(1)
 
     def _blur(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
         r, n = self.ranges, x.shape[0]
