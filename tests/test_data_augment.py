@@ -11,9 +11,9 @@ import pytest
 import torch
 from monai.transforms import (
     Compose,
-    RandBiasField,
     RandAdjustContrastd,
     RandAffined,
+    RandBiasField,
     RandBiasFieldd,
     RandGaussianNoised,
     RandGaussianSmoothd,
@@ -121,10 +121,11 @@ def test_a_3d_volume_is_augmented_and_keeps_its_anatomy():
 def test_bias_field_is_monais_for_the_same_coefficients(spatial_dims):
     """The batched field is MONAI's ``RandBiasField`` field, term for term: the same Legendre products (its 2D
     lower triangle, its 3D degrees i+j+k <= d) weighted by the coefficients drawn for each image."""
-    aug, d, side = BatchAugmentation(spatial_dims, "views_bias"), 3, 12
+    aug, side = BatchAugmentation(spatial_dims, "views_bias"), 12
+    d = aug.ranges.bias_degree
     x = torch.ones(5, 1, *(side,) * spatial_dims, dtype=torch.float64)
     fields = aug._bias_field(x, torch.Generator().manual_seed(3))
-    drawn = aug._uniform(5, 0.0, 0.1, x, torch.Generator().manual_seed(3), *(d + 1,) * spatial_dims)
+    drawn = aug._uniform(5, *aug.ranges.bias_coeff, x, torch.Generator().manual_seed(3), *(d + 1,) * spatial_dims)
     if spatial_dims == 2:
         terms = list(zip(*np.tril_indices(d + 1)))
     else:

@@ -377,11 +377,11 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | None 
     return cfg
 
 
-def check_export_overrides(key: str, overrides: list[str]) -> None:
+def check_export_overrides(overrides: list[str]) -> None:
     """A pipeline's ``--set`` overrides of its export step: every one an :class:`ExportConfig` key=value with a
     valid value, and none of the paths the pipeline sets itself (the model, the manifest, the store, the data
     root); checked when the pipeline's config loads, not minutes later when the export starts."""
-    placeholders = {"model": "-", "manifest": "-", "out": "-"}
+    key, placeholders = "export_overrides", {"model": "-", "manifest": "-", "out": "-"}
     for i, text in enumerate(overrides):
         _check(isinstance(text, str), f"{key}[{i}]", f"must be a key=value string, got {text!r}")
         try:
@@ -488,7 +488,7 @@ class PipelineConfig:
     def validate(self) -> None:
         for key in ("pretrain_config", "benchmark_config"):
             _check(Path(getattr(self, key)).is_file(), key, f"file not found: {getattr(self, key)}")
-        check_export_overrides("export_overrides", self.export_overrides)
+        check_export_overrides(self.export_overrides)
 
 
 @dataclass
@@ -538,7 +538,7 @@ class ComputeCurveConfig:
         _check(len(self.steps) > 0 and all(isinstance(s, int) and s >= 0 for s in self.steps), "steps",
                f"must be a non-empty list of steps >= 0, got {self.steps}")
         _check(max(self.steps) > 0, "steps", "needs at least one step > 0")
-        check_export_overrides("export_overrides", self.export_overrides)
+        check_export_overrides(self.export_overrides)
 
 
 @dataclass
